@@ -1,0 +1,178 @@
+"""Moving/fixed pair sampling over a dataset of preprocessed subjects.
+
+Subjects are loaded and cached once (``CacheDataset``); pairs are drawn on the fly, so the N*(N-1) ordered pairs of a
+large cohort are never materialised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from monai.transforms import Randomizable, ResampleToMatch
+from torch.utils.data import Dataset
+
+__all__ = ["PAIR_MODES", "PairDataset", "held_out_pairs", "pair_indices_from_paths"]
+
+PAIR_MODES = ("pairwise", "ring", "atlas", "explicit")
+ATLAS_DIRECTIONS = ("subject_to_atlas", "atlas_to_subject", "both")
+
+
+def _subject_name(subject: Mapping) -> str:
+    meta = getattr(subject["image"], "meta", {})
+    name = os.path.basename(str(meta.get("filename_or_obj", "subject")))
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def pair_indices_from_paths(subject_images: Sequence[str], pairs: Sequence[Mapping]) -> list[tuple[int, int]]:
+    """Map explicit ``[{"fixed": image path, "moving": image path}]`` to ``(fixed, moving)`` subject indices."""
+    index = {os.path.realpath(path): i for i, path in enumerate(subject_images)}
+    resolved = []
+    for number, pair in enumerate(pairs):
+        try:
+            resolved.append((index[os.path.realpath(pair["fixed"])], index[os.path.realpath(pair["moving"])]))
+        except KeyError as error:
+            raise ValueError(
+                f"explicit pair {number} names {error.args[0]}, which is not an image of the same datalist section"
+            ) from None
+    return resolved
+
+
+class PairDataset(Randomizable, Dataset):
+    """Pairs ``{fixed_image, moving_image, fixed_label?, moving_label?, fixed_name, moving_name}`` of subjects.
+
+    Modes:
+        ``pairwise``: each item is a fresh random pair of two distinct subjects (``num_pairs`` items an epoch,
+            default one per subject); the sequence continues across epochs, so every epoch sees new pairs.
+        ``ring``: deterministic, subject ``i`` moving onto subject ``i + 1`` (validation/test without explicit pairs).
+        ``atlas``: every subject with the atlas; ``atlas_direction`` picks subject->atlas, atlas->subject or both.
+        ``explicit``: the given ``(fixed, moving)`` index pairs.
+
+    Args:
+        subjects: indexable dataset of preprocessed subjects ``{image, label?}``.
+        mode: one of ``PAIR_MODES``.
+        num_pairs: items per epoch in ``pairwise`` mode.
+        atlas: indexable dataset whose first item is the preprocessed atlas (``atlas`` mode).
+        atlas_direction: one of ``subject_to_atlas`` (moving = subject), ``atlas_to_subject``, ``both``.
+        pairs: ``(fixed, moving)`` subject indices for ``explicit`` mode.
+        transform: applied to each pair dictionary (e.g. random augmentation in training).
+        seed: seed of the pair sampler.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Mapping],
+        mode: str = "pairwise",
+        num_pairs: int | None = None,
+        atlas: Sequence[Mapping] | None = None,
+        atlas_direction: str = "subject_to_atlas",
+        pairs: Sequence[tuple[int, int]] | None = None,
+        transform: Callable | None = None,
+        seed: int = 0,
+    ) -> None:
+        if mode not in PAIR_MODES:
+            raise ValueError(f"unknown pair_mode '{mode}'; expected one of {PAIR_MODES}")
+        if atlas_direction not in ATLAS_DIRECTIONS:
+            raise ValueError(f"unknown atlas_direction '{atlas_direction}'; expected one of {ATLAS_DIRECTIONS}")
+        n = len(subjects)
+        if mode in ("pairwise", "ring") and n < 2:
+            raise ValueError(f"pair_mode '{mode}' needs at least 2 subjects, got {n}")
+        if mode == "atlas" and (atlas is None or len(atlas) < 1):
+            raise ValueError("pair_mode 'atlas' needs an atlas (datalist key 'atlas')")
+        if mode == "explicit" and not pairs:
+            raise ValueError("pair_mode 'explicit' needs a non-empty list of pairs")
+        self.subjects, self.atlas, self.mode = subjects, atlas, mode
+        self.num_pairs = int(num_pairs) if num_pairs else n
+        self.transform = transform
+        self.resample = ResampleToMatch()
+        if mode == "ring":
+            self.pairs = [((i + 1) % n, i) for i in range(n)]
+        elif mode == "atlas":
+            forward = [(-1, i) for i in range(n)]  # -1 stands for the atlas
+            backward = [(i, -1) for i in range(n)]
+            self.pairs = {"subject_to_atlas": forward, "atlas_to_subject": backward, "both": forward + backward}[
+                atlas_direction
+            ]
+        elif mode == "explicit":
+            self.pairs = [(int(f), int(m)) for f, m in pairs]
+            for f, m in self.pairs:
+                if not (0 <= f < n and 0 <= m < n):
+                    raise ValueError(f"explicit pair ({f}, {m}) is out of range for {n} subjects")
+        else:
+            self.pairs = None
+        self.set_random_state(seed=seed)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> PairDataset:
+        # DataLoader workers seed the dataset; pass the seed on to the pair transform's random transforms too.
+        super().set_random_state(seed=seed, state=state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, data: None = None) -> tuple[int, int]:
+        n = len(self.subjects)
+        fixed = int(self.R.randint(n))
+        moving = int(self.R.randint(n - 1))
+        return fixed, moving + (moving >= fixed)  # uniform over subjects other than `fixed`
+
+    def __len__(self) -> int:
+        return self.num_pairs if self.pairs is None else len(self.pairs)
+
+    def _subject(self, index: int) -> Mapping:
+        return self.atlas[0] if index == -1 else self.subjects[index]
+
+    def __getitem__(self, index: int) -> dict:
+        if self.pairs is None:
+            fixed_index, moving_index = self.randomize()
+        else:
+            fixed_index, moving_index = self.pairs[index]
+        pair: dict = {}
+        for role, subject_index in (("fixed", fixed_index), ("moving", moving_index)):
+            subject = self._subject(subject_index)
+            pair[f"{role}_image"] = subject["image"]
+            if "label" in subject:
+                pair[f"{role}_label"] = subject["label"]
+            pair[f"{role}_name"] = _subject_name(subject)
+        if pair["fixed_image"].shape != pair["moving_image"].shape:
+            # Different field of view or spacing: resample the moving subject onto the fixed grid in world
+            # coordinates (the images are assumed affinely aligned, as registration inputs are).
+            pair["moving_image"] = self.resample(pair["moving_image"], pair["fixed_image"], mode="bilinear")
+            if "moving_label" in pair:
+                pair["moving_label"] = self.resample(pair["moving_label"], pair["fixed_image"], mode="nearest")
+        return self.transform(pair) if self.transform is not None else pair
+
+
+def held_out_pairs(
+    datalist: str,
+    section: str,
+    dataset_dir: str | None,
+    transform: Callable,
+    pair_mode: str = "pairwise",
+    atlas_direction: str = "subject_to_atlas",
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> PairDataset:
+    """Deterministic pairs of a held-out datalist section (validation or test), the same in every run.
+
+    Explicit ``pairs[section]`` from the datalist win; otherwise atlas pairs in ``atlas`` mode, else the ``ring``.
+    """
+    from monai.data import CacheDataset
+
+    from .datalist import load_atlas, load_pairs, load_section
+
+    if pair_mode not in PAIR_MODES:
+        raise ValueError(f"unknown pair_mode '{pair_mode}'; expected one of {PAIR_MODES}")
+    entries = load_section(datalist, section, dataset_dir)
+    subjects = CacheDataset(entries, transform, cache_rate=cache_rate, num_workers=num_workers, progress=False)
+    explicit = load_pairs(datalist, section, dataset_dir)
+    if explicit:
+        indices = pair_indices_from_paths([entry["image"] for entry in entries], explicit)
+        return PairDataset(subjects, mode="explicit", pairs=indices)
+    if pair_mode == "atlas":
+        atlas = CacheDataset([load_atlas(datalist, dataset_dir)], transform, progress=False)
+        return PairDataset(subjects, mode="atlas", atlas=atlas, atlas_direction=atlas_direction)
+    return PairDataset(subjects, mode="ring")

@@ -1,0 +1,171 @@
+"""Embedded default data: a deterministic SynthMorph-style population written as NIfTI + datalist.
+
+Why generate instead of ship: the default ``training`` run must need no download and still exercise the exact
+loading path real data takes (NIfTI files -> datalist -> LoadImaged ...). Every subject is one shared template
+anatomy (smooth random label map inside an ellipsoidal "head") deformed by its own smooth random deformation, so
+registration has a true answer, and labels give Dice on structures the unsupervised loss never sees. Images get
+per-label intensities, blur, a multiplicative bias field and noise (Hoffmann et al., SynthMorph, 2022).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects"]
+
+PARAMS_FILE = "synthetic.json"
+
+
+class SyntheticSpec(dict):
+    """Parameters that fully determine a synthetic population (stored beside it to detect stale copies)."""
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        shape: Sequence[int] | None = None,
+        num_subjects: int = 24,
+        num_labels: int = 8,
+        seed: int = 0,
+        num_validation: int = 4,
+        num_test: int = 4,
+        max_displacement: float = 0.12,
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        shape = list(shape) if shape is not None else ([96, 96] if spatial_dims == 2 else [48, 48, 48])
+        if len(shape) != spatial_dims:
+            raise ValueError(f"shape {shape} has {len(shape)} axes but spatial_dims is {spatial_dims}")
+        if num_validation + num_test + 2 > num_subjects:
+            raise ValueError(
+                f"num_subjects={num_subjects} leaves fewer than 2 training subjects after "
+                f"{num_validation} validation and {num_test} test subjects"
+            )
+        super().__init__(
+            spatial_dims=spatial_dims,
+            shape=[int(s) for s in shape],
+            num_subjects=int(num_subjects),
+            num_labels=int(num_labels),
+            seed=int(seed),
+            num_validation=int(num_validation),
+            num_test=int(num_test),
+            max_displacement=float(max_displacement),
+        )
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise rescaled to unit standard deviation."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
+    return field / (field.std() + 1e-8)
+
+
+def _template_labels(rng: np.random.Generator, shape: Sequence[int], num_labels: int) -> np.ndarray:
+    """Label map: background 0 outside a wobbly ellipsoid, labels 1..num_labels inside (argmax of smooth noise)."""
+    grids = np.meshgrid(*[np.linspace(-1.0, 1.0, s) for s in shape], indexing="ij")
+    radius = sum((g / 0.8) ** 2 for g in grids)
+    boundary = 1.0 + 0.08 * _smooth_noise(rng, shape, sigma=max(shape) / 8)
+    inside = radius < boundary
+    scores = np.stack([_smooth_noise(rng, shape, sigma=max(shape) / 10) for _ in range(num_labels)])
+    labels = (np.argmax(scores, axis=0) + 1) * inside
+    return labels.astype(np.int16)
+
+
+def _random_deformation(rng: np.random.Generator, shape: Sequence[int], max_displacement: float) -> np.ndarray:
+    """Smooth displacement field (voxels), channel-first, with peak magnitude ``max_displacement * min(shape)``."""
+    ddf = np.stack([_smooth_noise(rng, shape, sigma=min(shape) / 6) for _ in shape])
+    peak = np.abs(ddf).max() + 1e-8
+    return ddf * (max_displacement * min(shape) / peak)
+
+
+def _warp(volume: np.ndarray, ddf: np.ndarray, order: int) -> np.ndarray:
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in volume.shape], indexing="ij")
+    coords = [g + d for g, d in zip(grid, ddf)]
+    return ndimage.map_coordinates(volume, coords, order=order, mode="nearest")
+
+
+def _render_image(
+    rng: np.random.Generator, labels: np.ndarray, label_means: np.ndarray, jitter: float
+) -> np.ndarray:
+    """Intensities per label (shared means + subject jitter), blur, bias field and noise, clipped to [0, 1]."""
+    means = label_means + jitter * rng.standard_normal(label_means.shape)
+    means[0] = 0.0
+    image = means[labels]
+    image = ndimage.gaussian_filter(image, sigma=0.8)
+    bias = np.exp(0.1 * _smooth_noise(rng, labels.shape, sigma=max(labels.shape) / 4))
+    image = image * bias + 0.02 * rng.standard_normal(labels.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def generate_subjects(spec: SyntheticSpec) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """Return ``(subjects, atlas)``: lists of (image float32, label int16) arrays, deterministic for ``spec``."""
+    rng = np.random.default_rng(spec["seed"])
+    shape = spec["shape"]
+    template = _template_labels(rng, shape, spec["num_labels"])
+    label_means = np.concatenate([[0.0], rng.uniform(0.2, 1.0, spec["num_labels"])])
+    atlas = (_render_image(rng, template, label_means, jitter=0.0), template)
+    subjects = []
+    for _ in range(spec["num_subjects"]):
+        ddf = _random_deformation(rng, shape, spec["max_displacement"])
+        label = _warp(template, ddf, order=0).astype(np.int16)
+        subjects.append((_render_image(rng, label, label_means, jitter=0.04), label))
+    return subjects, atlas
+
+
+def _save_nifti(array: np.ndarray, path: Path) -> None:
+    # 2D subjects are stored as (H, W, 1) volumes, the way 2D slices of real scans usually arrive.
+    if array.ndim == 2:
+        array = array[..., None]
+    nib.save(nib.Nifti1Image(array, affine=np.eye(4)), str(path))
+
+
+def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None) -> str:
+    """Write the synthetic population under ``root`` unless an identical one is there; return its datalist path.
+
+    Generation happens in a temporary sibling folder that is renamed into place, so an interrupted run never
+    leaves a half-written dataset that a later run would trust.
+    """
+    spec = SyntheticSpec(**(spec or {}))
+    root_path = Path(root)
+    datalist_path = root_path / "datalist.json"
+    params_path = root_path / PARAMS_FILE
+    if datalist_path.is_file() and params_path.is_file():
+        if json.loads(params_path.read_text()) == dict(spec):
+            return str(datalist_path)
+    root_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root_path.name}.", dir=root_path.parent))
+    try:
+        subjects, atlas = generate_subjects(spec)
+        entries = []
+        for index, (image, label) in enumerate(subjects):
+            entry = {"image": f"subject_{index:03d}_image.nii.gz", "label": f"subject_{index:03d}_label.nii.gz"}
+            _save_nifti(image, staging / entry["image"])
+            _save_nifti(label, staging / entry["label"])
+            entries.append(entry)
+        _save_nifti(atlas[0], staging / "atlas_image.nii.gz")
+        _save_nifti(atlas[1], staging / "atlas_label.nii.gz")
+        n_val, n_test = spec["num_validation"], spec["num_test"]
+        n_train = len(entries) - n_val - n_test
+        datalist = {
+            "description": "synthetic SynthMorph-style population generated by scripts/synthetic.py",
+            "training": entries[:n_train],
+            "validation": entries[n_train : n_train + n_val],
+            "test": entries[n_train + n_val :],
+            "atlas": {"image": "atlas_image.nii.gz", "label": "atlas_label.nii.gz"},
+        }
+        (staging / "datalist.json").write_text(json.dumps(datalist, indent=1))
+        (staging / PARAMS_FILE).write_text(json.dumps(dict(spec), indent=1))
+        if root_path.exists():
+            shutil.rmtree(root_path)
+        os.replace(staging, root_path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(datalist_path)

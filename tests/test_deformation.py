@@ -1,0 +1,122 @@
+"""Warping, integration and deformation metrics on fields with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from monai.networks.blocks import Warp
+from monai.networks.nets import VoxelMorphUNet
+from scripts.metrics import deformation_stats, dice_per_label, hd95_per_label, jacobian_determinant, labels_to_score
+from scripts.network import RegistrationNet
+
+
+def _blob(shape, centre, radius=4.0):
+    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    return (sum((g - c) ** 2 for g, c in zip(grids, centre)) < radius**2).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(32, 28), (20, 24, 16)])
+def test_identity_ddf_leaves_image_unchanged(shape):
+    image = torch.rand((1, 1) + shape, generator=torch.Generator().manual_seed(0))
+    ddf = torch.zeros((1, len(shape)) + shape)
+    for mode in ("bilinear", "nearest"):
+        torch.testing.assert_close(Warp(mode=mode, padding_mode="border")(image, ddf), image)
+
+
+@pytest.mark.parametrize("shape, shift", [((40, 40), (3, -5)), ((24, 28, 20), (2, 4, -3))])
+def test_translation_ddf_moves_blob_by_that_amount(shape, shift):
+    centre = [s // 2 for s in shape]
+    moving = torch.as_tensor(_blob(shape, centre))[None, None]
+    # warped(x) = moving(x + u): a constant u = -shift moves content by +shift
+    ddf = torch.stack([torch.full(shape, -float(s)) for s in shift])[None]
+    warped = Warp(mode="nearest", padding_mode="zeros")(moving, ddf)[0, 0].numpy()
+    expected = _blob(shape, [c + s for c, s in zip(centre, shift)])
+    np.testing.assert_array_equal(warped, expected)
+    moved_centre = np.argwhere(warped > 0).mean(axis=0)
+    np.testing.assert_allclose(moved_centre, np.array(centre) + np.array(shift), atol=1e-6)
+
+
+def test_jacobian_of_known_fields():
+    shape = (16, 18, 14)
+    assert deformation_stats(np.zeros((3,) + shape))["folding_fraction"] == 0.0
+    np.testing.assert_allclose(jacobian_determinant(np.zeros((3,) + shape)), 1.0)
+    grids = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    np.testing.assert_allclose(jacobian_determinant(0.1 * grids), 1.1**3)  # uniform scaling
+    stats = deformation_stats(0.1 * grids)
+    assert stats["folding_fraction"] == 0.0 and stats["std_log_jacobian"] < 1e-9
+
+
+def test_folding_fraction_positive_for_a_folding_field():
+    shape = (32, 32)
+    rows = np.arange(shape[0], dtype=float)[:, None] * np.ones(shape)
+    # φ_0(x) = x_0 + u_0 with u_0 = -2 x_0 inside a band: d φ_0 / d x_0 = -1 there, the grid folds over itself
+    ddf = np.zeros((2,) + shape)
+    ddf[0, 10:20] = -2.0 * rows[10:20]
+    stats = deformation_stats(ddf)
+    assert 0.2 < stats["folding_fraction"] < 0.45
+    assert np.isfinite(stats["sdlogj_learn2reg"])
+    assert deformation_stats(np.zeros((2,) + shape))["folding_fraction"] == 0.0
+
+
+def test_dice_skips_labels_absent_from_either_image_and_scores_per_label():
+    fixed = np.zeros((10, 10), dtype=int)
+    moving = np.zeros((10, 10), dtype=int)
+    fixed[:5], moving[:5] = 1, 1  # label 1 identical
+    fixed[5:, :5], moving[5:, :4] = 2, 2  # label 2 partially overlapping
+    fixed[9, 9] = 7  # only in fixed: skipped
+    moving[0, 0] = 255  # only in moving (overwrites a label-1 voxel): skipped
+    ids = labels_to_score(fixed, moving, None)
+    assert ids == [1, 2]
+    scores = dice_per_label(fixed, moving, ids)
+    assert scores[1] == pytest.approx(2 * 49 / (50 + 49))
+    assert scores[2] == pytest.approx(2 * 20 / (25 + 20))
+    assert labels_to_score(fixed, moving, [2, 7]) == [2]
+    assert dice_per_label(fixed, np.zeros_like(fixed), [1]) == {1: 0.0}
+
+
+def test_hd95_known_shift():
+    fixed = _blob((40, 40), (20, 20), radius=8).astype(int)
+    shifted = _blob((40, 40), (23, 20), radius=8).astype(int)
+    distance = hd95_per_label(fixed, shifted, [1])[1]
+    assert 1.5 <= distance <= 3.0
+    assert hd95_per_label(fixed, fixed, [1])[1] == 0.0
+    assert hd95_per_label(fixed, shifted, [1], spacing=[2.0, 2.0])[1] == pytest.approx(2 * distance)
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (40, 52)), (3, (20, 24, 18))])
+@pytest.mark.parametrize("steps", [0, 7])
+def test_network_takes_one_tensor_returns_ddf_of_input_size_near_identity(spatial_dims, shape, steps):
+    torch.manual_seed(0)
+    backbone = VoxelMorphUNet(
+        spatial_dims=spatial_dims, in_channels=2, unet_out_channels=8, channels=(8, 8, 8, 8), final_conv_channels=(8,)
+    )
+    net = RegistrationNet(backbone, spatial_dims=spatial_dims, integration_steps=steps, divisor=8)
+    ddf = net(torch.rand((2, 2) + shape))
+    assert ddf.shape == (2, spatial_dims) + shape
+    assert ddf.abs().max() < 1e-2  # flow head initialised near zero: training starts at the identity
+    with pytest.raises(ValueError, match="cat\\(moving, fixed\\)"):
+        net(torch.rand((1, 1) + shape))
+
+
+def test_scaling_and_squaring_gives_invertible_field_where_plain_displacement_folds():
+    """The same large, rough velocity: integrated it does not fold, used directly as a displacement it does."""
+    rng = np.random.default_rng(1)
+    shape = (64, 64)
+    smooth = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 4) for _ in range(2)])
+    velocity = torch.as_tensor(smooth / np.abs(smooth).max() * 10.0, dtype=torch.float32)[None]
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return velocity
+
+    plain = RegistrationNet(Fixed(), spatial_dims=2, integration_steps=0, divisor=1, flow_init_std=None)
+    integrated = RegistrationNet(Fixed(), spatial_dims=2, integration_steps=7, divisor=1, flow_init_std=None)
+    x = torch.zeros(1, 2, *shape)
+    assert deformation_stats(plain(x)[0].numpy())["folding_fraction"] > 0.01
+    assert deformation_stats(integrated(x)[0].detach().numpy())["folding_fraction"] < 0.001
