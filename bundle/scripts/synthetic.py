@@ -23,6 +23,8 @@ from scipy import ndimage
 __all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects"]
 
 PARAMS_FILE = "synthetic.json"
+# Bump when the generator's output changes, so copies written by an older version are regenerated.
+GENERATOR_VERSION = 2
 
 
 class SyntheticSpec(dict):
@@ -109,7 +111,8 @@ def generate_subjects(spec: SyntheticSpec) -> tuple[list[tuple[np.ndarray, np.nd
     rng = np.random.default_rng(spec["seed"])
     shape = spec["shape"]
     template = _template_labels(rng, shape, spec["num_labels"])
-    label_means = np.concatenate([[0.0], rng.uniform(0.2, 1.0, spec["num_labels"])])
+    # Evenly spaced, shuffled means: neighbouring structures always differ in contrast, as tissues mostly do.
+    label_means = np.concatenate([[0.0], rng.permutation(np.linspace(0.25, 1.0, spec["num_labels"]))])
     atlas = (_render_image(rng, template, label_means, jitter=0.0), template)
     subjects = []
     for _ in range(spec["num_subjects"]):
@@ -137,7 +140,7 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None
     datalist_path = root_path / "datalist.json"
     params_path = root_path / PARAMS_FILE
     if datalist_path.is_file() and params_path.is_file():
-        if json.loads(params_path.read_text()) == dict(spec):
+        if json.loads(params_path.read_text()) == {**spec, "generator_version": GENERATOR_VERSION}:
             return str(datalist_path)
     root_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root_path.name}.", dir=root_path.parent))
@@ -161,7 +164,7 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None
             "atlas": {"image": "atlas_image.nii.gz", "label": "atlas_label.nii.gz"},
         }
         (staging / "datalist.json").write_text(json.dumps(datalist, indent=1))
-        (staging / PARAMS_FILE).write_text(json.dumps(dict(spec), indent=1))
+        (staging / PARAMS_FILE).write_text(json.dumps({**spec, "generator_version": GENERATOR_VERSION}, indent=1))
         if root_path.exists():
             shutil.rmtree(root_path)
         os.replace(staging, root_path)
