@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 from monai.data import load_decathlon_datalist
 
 # Sections up to this size are decompressed in full at start-up (seconds); larger ones get a header check only.
@@ -34,6 +35,9 @@ def check_image_file(path: str, what: str, read_data: bool = True) -> None:
     Reading the data costs a decompression per file, so datalists of thousands of volumes check headers only and
     leave truncated data to the loader (whose error also names the file).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: expected a file path, got {type(path).__name__} {path!r}")
+    path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: file not found: {path}")
     try:
@@ -43,10 +47,53 @@ def check_image_file(path: str, what: str, read_data: bool = True) -> None:
             with gzip.open(path, "rb") as stream:
                 while stream.read(1 << 24):
                     pass
-    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError, ValueError) as error:
+    except EOFError as error:
+        raise ValueError(f"{what}: {path} is truncated (the gzip data ends early): {error}") from error
+    except (OSError, zlib.error, nib.filebasedimages.ImageFileError, ValueError) as error:
         raise ValueError(f"{what}: cannot read {path} as a NIfTI image ({type(error).__name__}: {error})") from error
+    _check_data_size(image, path, what)
     if len(image.shape) < 2:
         raise ValueError(f"{what}: {path} has shape {image.shape}; expected a 2D or 3D image")
+
+
+def _check_data_size(image: nib.filebasedimages.FileBasedImage, path: str, what: str) -> None:
+    """An uncompressed NIfTI cut short keeps a readable header; its size against the header's shows the damage."""
+    proxy = getattr(image, "dataobj", None)
+    if path.endswith(".gz") or not all(hasattr(proxy, name) for name in ("offset", "dtype", "shape")):
+        return
+    expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    actual = os.path.getsize(path)
+    if actual < expected:
+        raise ValueError(
+            f"{what}: {path} is truncated: {actual} bytes, but the header's shape {proxy.shape} needs {expected}"
+        )
+
+
+def _read_datalist(datalist: str) -> dict:
+    """The datalist's JSON object, or an error naming the file and what is wrong with it."""
+    if not os.path.isfile(datalist):
+        raise FileNotFoundError(f"datalist not found: {datalist}")
+    try:
+        with open(datalist) as stream:
+            content = json.load(stream)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"datalist {datalist} is not valid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"datalist {datalist} is not a JSON text file: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"datalist {datalist} must be a JSON object such as {{\"training\": [...]}}, got a {type(content).__name__}"
+        )
+    return content
+
+
+def _require_objects(entries: list, where: str, datalist: str) -> None:
+    """Entries must be ``{"image": path, ...}`` objects; MONAI's path joining fails obscurely on anything else."""
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{datalist}: entry {index} of '{where}' must be an object like {{\"image\": path}}, got {entry!r}"
+            )
 
 
 def _check_entries(entries: list[dict], where: str, datalist: str, read_data: bool = True) -> None:
@@ -60,17 +107,17 @@ def _check_entries(entries: list[dict], where: str, datalist: str, read_data: bo
 
 def load_section(datalist: str, section: str, base_dir: str | None = None, required: bool = True) -> list[dict]:
     """Return the checked subjects of one datalist section (``training``, ``validation``, ``test``)."""
-    if not os.path.isfile(datalist):
-        raise FileNotFoundError(f"datalist not found: {datalist}")
-    with open(datalist) as stream:
-        try:
-            content = json.load(stream)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"datalist {datalist} is not valid JSON: {error}") from error
+    content = _read_datalist(datalist)
     if section not in content or not content[section]:
         if required:
-            raise ValueError(f"datalist {datalist} has no subjects in section '{section}'")
+            why = "the key is missing" if section not in content else f"it is {content[section]!r}"
+            raise ValueError(f"datalist {datalist} has no subjects in section '{section}' ({why})")
         return []
+    if not isinstance(content[section], list):
+        kind = type(content[section]).__name__
+        raise ValueError(f"datalist {datalist}: section '{section}' must be a list of subjects, got a {kind}")
+    if section != "test" or isinstance(content[section][0], dict):  # MONAI accepts bare paths in 'test' only
+        _require_objects(content[section], section, datalist)
     base_dir = base_dir if base_dir is not None else str(Path(datalist).parent)
     entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=section, base_dir=base_dir)
     _check_entries(entries, section, datalist, read_data=len(entries) <= FULL_CHECK_MAX_FILES)
@@ -79,8 +126,7 @@ def load_section(datalist: str, section: str, base_dir: str | None = None, requi
 
 def load_atlas(datalist: str, base_dir: str | None = None) -> dict:
     """Return the checked atlas subject ``{"image", "label"?}`` of the datalist (needed by pair_mode ``atlas``)."""
-    with open(datalist) as stream:
-        content = json.load(stream)
+    content = _read_datalist(datalist)
     if "atlas" not in content:
         raise ValueError(f"pair_mode 'atlas' needs an 'atlas' entry in datalist {datalist}")
     base = Path(base_dir if base_dir is not None else Path(datalist).parent)
@@ -91,8 +137,7 @@ def load_atlas(datalist: str, base_dir: str | None = None) -> dict:
 
 def load_pairs(datalist: str, section: str, base_dir: str | None = None) -> list[dict] | None:
     """Explicit ``pairs[section]`` as ``[{"fixed": path, "moving": path}]`` with resolved paths, or None."""
-    with open(datalist) as stream:
-        content = json.load(stream)
+    content = _read_datalist(datalist)
     pairs = content.get("pairs", {}).get(section)
     if pairs is None:
         return None
@@ -114,8 +159,9 @@ def subjects_from_files(
         if not image:
             raise ValueError(f"--{role}_image is required")
         entry = {"image": str(image)}
+        check_image_file(entry["image"], f"--{role}_image")
         if label:
             entry["label"] = str(label)
-        _check_entries([entry], role, "inference input")
+            check_image_file(entry["label"], f"--{role}_label")
         subjects.append(entry)
     return subjects

@@ -7,6 +7,8 @@ on the working directory).
 
 from __future__ import annotations
 
+import os
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -25,12 +27,57 @@ from monai.transforms import (
     SqueezeDim,
 )
 
-__all__ = ["EnsureSpatialDimsd", "CheckIntensityd", "subject_preprocessing"]
+__all__ = ["LoadSubjectImaged", "EnsureSpatialDimsd", "CheckIntensityd", "SubjectCompose", "subject_preprocessing"]
 
 
 def _filename(data: Mapping, key: Hashable) -> str:
     meta = getattr(data[key], "meta", {})
     return str(meta.get("filename_or_obj", f"<{key}>"))
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost ``__cause__``: the reader's own error under MONAI's and nibabel's wrappers."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def _read_problem(error: BaseException) -> str:
+    """A short statement of why a file could not be read, from the reader's exception."""
+    cause = _root_cause(error)
+    if isinstance(cause, EOFError):
+        return "the compressed data ends early (truncated or corrupt gzip)"
+    if isinstance(cause, zlib.error):
+        return f"the compressed data is corrupt ({cause})"
+    return f"{type(cause).__name__}: {str(cause).strip()}"
+
+
+class LoadSubjectImaged(MapTransform):
+    """``LoadImaged`` whose errors name the file, its key and the problem (missing, not an image, truncated).
+
+    MONAI's reader errors often name only the symptom (``EOFError: Compressed file ended before the end-of-stream
+    marker was reached``); a user with a thousand files needs to know which one.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImaged(keys, image_only=True, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} ('{key}'): file not found")
+            try:
+                d[key] = self.loader({key: path})[key]
+            except MemoryError:
+                raise
+            except Exception as error:  # readers raise OSError, EOFError, zlib.error, ImageFileError, RuntimeError...
+                raise ValueError(f"{path} ('{key}'): cannot read as an image: {_read_problem(error)}") from error
+        return d
 
 
 class EnsureSpatialDimsd(MapTransform):
@@ -54,8 +101,8 @@ class EnsureSpatialDimsd(MapTransform):
             name = _filename(d, key)
             if channels != 1:
                 raise ValueError(
-                    f"{name} ('{key}') has {channels} channels/frames (array shape {shape[1:]} + {channels}); "
-                    "expected a single-channel 2D or 3D image"
+                    f"{name} ('{key}') is a {len(spatial) + 1}D image with {channels} channels/frames (array shape "
+                    f"{spatial} + {channels}); expected a single-channel 2D or 3D image"
                 )
             non_trivial = [s for s in spatial if s > 1]
             if self.spatial_dims == 2:
@@ -69,13 +116,24 @@ class EnsureSpatialDimsd(MapTransform):
 
 
 class CheckIntensityd(MapTransform):
-    """Reject images with NaN/inf or constant intensity, and labels with no foreground, naming the file."""
+    """Reject images with NaN/inf or constant intensity, and labels with no foreground, naming the file.
 
-    def __init__(self, image_keys: KeysCollection, label_keys: KeysCollection = (), allow_missing_keys: bool = True):
+    ``after`` names the step that ran before (e.g. resampling), so that a label whose few foreground voxels vanish
+    when resampled is not reported as an empty file.
+    """
+
+    def __init__(
+        self,
+        image_keys: KeysCollection,
+        label_keys: KeysCollection = (),
+        allow_missing_keys: bool = True,
+        after: str | None = None,
+    ):
         image_keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
         label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         super().__init__(image_keys + label_keys, allow_missing_keys)
         self.image_keys, self.label_keys = set(image_keys), set(label_keys)
+        self.suffix = f" after {after}" if after else ""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -84,12 +142,52 @@ class CheckIntensityd(MapTransform):
             name = _filename(d, key)
             if key in self.image_keys:
                 if not torch.isfinite(values).all():
-                    raise ValueError(f"{name} ('{key}') contains NaN or infinite values")
+                    raise ValueError(f"{name} ('{key}') contains NaN or infinite values{self.suffix}")
                 if values.max() == values.min():
-                    raise ValueError(f"{name} ('{key}') is constant ({float(values.max())}); nothing to register")
+                    raise ValueError(
+                        f"{name} ('{key}') is constant ({float(values.max())}){self.suffix}; nothing to register"
+                    )
             elif not (values > 0).any():
-                raise ValueError(f"{name} ('{key}') has no foreground label (all values are 0)")
+                raise ValueError(f"{name} ('{key}') has no foreground label (all values are 0){self.suffix}")
         return d
+
+
+def _input_files(data: object) -> list[str]:
+    """File names of a subject dictionary, whether its values are still paths or already loaded images."""
+    if not isinstance(data, Mapping):
+        return []
+    names = []
+    for value in data.values():
+        if isinstance(value, (str, os.PathLike)):
+            names.append(str(value))
+        elif "filename_or_obj" in getattr(value, "meta", {}):
+            names.append(str(value.meta["filename_or_obj"]))
+    return names
+
+
+class SubjectCompose(Compose):
+    """``Compose`` whose errors state the file and the problem in their own message.
+
+    MONAI re-raises any error of a step as ``RuntimeError("applying transform <... object at 0x...>")``, a line that
+    names neither; logs and job schedulers often keep only that last line. The step's error (whose message names
+    the file, or gets the subject's files prepended) is raised instead, chained to the original.
+    """
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy: bool | None = None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as error:
+            cause = error
+            while isinstance(cause, RuntimeError) and str(cause).startswith("applying transform") and cause.__cause__:
+                cause = cause.__cause__
+            if cause is error:
+                raise
+            message = str(cause)
+            files = _input_files(input_)
+            if files and not any(name in message for name in files):
+                message = f"{', '.join(files)}: {type(cause).__name__}: {message}"
+            error_type = type(cause) if type(cause) in (ValueError, FileNotFoundError, TypeError) else RuntimeError
+            raise error_type(message) from cause
 
 
 def subject_preprocessing(
@@ -102,26 +200,28 @@ def subject_preprocessing(
 ) -> Compose:
     """Load one subject ``{image, label?}`` into the network's space.
 
-    load -> channel first -> dimensionality check (2D slices ``(H, W, 1)`` squeezed) -> RAS orientation ->
-    resample to ``pixdim`` (labels nearest) -> NaN/constant/empty-label checks -> robust [0, 1] intensity scaling ->
-    centre crop/pad to ``spatial_size`` (None keeps the resampled size) -> float32 tensors.
+    load (missing/unreadable files named) -> channel first -> dimensionality check (2D slices ``(H, W, 1)``
+    squeezed) -> NaN/constant/empty-label checks on the file's values -> RAS orientation -> resample to ``pixdim``
+    (labels nearest; labels checked again) -> robust [0, 1] intensity scaling -> centre crop/pad to ``spatial_size``
+    (None keeps the resampled size) -> float32 tensors. Errors name the file and the problem (``SubjectCompose``).
     """
     keys = [image_key, label_key]
     steps = [
-        LoadImaged(keys, image_only=True, allow_missing_keys=True),
+        LoadSubjectImaged(keys),
         EnsureChannelFirstd(keys, allow_missing_keys=True),
         EnsureSpatialDimsd(keys, spatial_dims=spatial_dims),
+        CheckIntensityd(image_key, label_key),
+        Orientationd(keys, axcodes="RAS"[:spatial_dims], allow_missing_keys=True),
     ]
-    steps.append(Orientationd(keys, axcodes="RAS"[:spatial_dims], allow_missing_keys=True))
     if pixdim is not None:
         pixdim = [float(pixdim)] * spatial_dims if np.isscalar(pixdim) else list(pixdim)
         steps.append(Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True))
+        steps.append(CheckIntensityd((), label_key, after=f"resampling to pixdim {pixdim}"))
     lower, upper = intensity_percentiles
-    steps += [
-        CheckIntensityd(image_key, label_key),
-        ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
-    ]
+    steps.append(
+        ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True)
+    )
     if spatial_size is not None:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=list(spatial_size), allow_missing_keys=True))
     steps.append(EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True))
-    return Compose(steps)
+    return SubjectCompose(steps)
