@@ -96,7 +96,7 @@ def test_network_takes_one_tensor_returns_ddf_of_input_size_near_identity(spatia
     ddf = net(torch.rand((2, 2) + shape))
     assert ddf.shape == (2, spatial_dims) + shape
     assert ddf.abs().max() < 1e-2  # flow head initialised near zero: training starts at the identity
-    with pytest.raises(ValueError, match="cat\\(moving, fixed\\)"):
+    with pytest.raises(ValueError, match="expected cat\\(moving, fixed\\)"):
         net(torch.rand((1, 1) + shape))
 
 

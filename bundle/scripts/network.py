@@ -51,7 +51,7 @@ class RegistrationNet(nn.Module):
         self.spatial_dims = spatial_dims
         self.integration_steps = integration_steps
         self.divisor = divisor
-        self.integrate = DVF2DDF(num_steps=integration_steps) if integration_steps > 0 else None
+        self.integrate = DVF2DDF(num_steps=integration_steps) if integration_steps > 0 else nn.Identity()
         if flow_init_std is not None:
             self._init_flow_head(flow_init_std)
 
@@ -64,20 +64,22 @@ class RegistrationNet(nn.Module):
             nn.init.zeros_(heads[-1].bias)
 
     def forward(self, moving_fixed: torch.Tensor) -> torch.Tensor:
-        if moving_fixed.ndim != self.spatial_dims + 2 or moving_fixed.shape[1] != 2:
+        # Plain tensor ops only, so `monai.bundle ckpt_export --use_trace True` can trace it (MONAI's Warp inside
+        # DVF2DDF cannot be scripted, so a traced model.ts is fixed to the input shape it was traced with).
+        if moving_fixed.dim() != self.spatial_dims + 2 or moving_fixed.shape[1] != 2:
             raise ValueError(
-                f"expected cat(moving, fixed) of shape (B, 2, *{self.spatial_dims} spatial dims), "
-                f"got {tuple(moving_fixed.shape)}"
+                "expected cat(moving, fixed) of shape (B, 2, *spatial) with "
+                + str(self.spatial_dims)
+                + " spatial dims, got "
+                + str(list(moving_fixed.shape))
             )
         spatial = moving_fixed.shape[2:]
-        pads = [(-s) % self.divisor for s in spatial]
-        # F.pad lists the last axis first, (before, after) per axis.
-        padding = [p for pad in reversed(pads) for p in (0, pad)]
-        x = F.pad(moving_fixed, padding) if any(pads) else moving_fixed
-        field = self.backbone(x)
+        padding: list[int] = []  # F.pad lists the last axis first, (before, after) per axis
+        for axis in range(len(spatial) - 1, -1, -1):
+            padding += [0, (self.divisor - spatial[axis] % self.divisor) % self.divisor]
+        field = self.backbone(F.pad(moving_fixed, padding))
         if field.shape[1] != self.spatial_dims:
-            raise ValueError(f"backbone returned {field.shape[1]} channels, expected {self.spatial_dims}")
-        field = field[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
-        if self.integrate is not None:
-            field = self.integrate(field)
-        return field
+            raise ValueError("backbone returned " + str(field.shape[1]) + " channels, expected spatial_dims")
+        for axis in range(len(spatial)):
+            field = field.narrow(axis + 2, 0, spatial[axis])
+        return self.integrate(field)
