@@ -14,9 +14,20 @@ EVALUATE = str(CONFIGS / "evaluate.yaml")
 INFERENCE = str(CONFIGS / "inference.yaml")
 
 
+# 2D runs the defaults (unsupervised LNCC + bending energy, VoxelMorph UNet, 7 integration steps); 3D runs the
+# alternatives a user switches on by override: MSE, semi-supervised Dice on training labels, LocalNet, no integration.
+OPTIONS = {
+    2: {},
+    3: {"similarity": "mse", "label_weight": 0.5, "train_label_ids": "[1,2,3,4,5,6,7,8]",
+        "backbone_name": "localnet", "integration_steps": 0},
+}
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_train_evaluate_infer_on_synthetic_data(tmp_path, spatial_dims):
+    options = OPTIONS[spatial_dims]
     common = {
+        **options,
         "spatial_dims": spatial_dims,
         "synthetic_dir": tmp_path / "synthetic",
         "synthetic#num_subjects": 10,
@@ -49,7 +60,8 @@ def test_train_evaluate_infer_on_synthetic_data(tmp_path, spatial_dims):
     datalist = json.loads((tmp_path / "synthetic" / "datalist.json").read_text())
     fixed, moving = (str(tmp_path / "synthetic" / datalist["test"][i]["image"]) for i in (0, 1))
     moving_label = str(tmp_path / "synthetic" / datalist["test"][1]["label"])
-    infer = {"spatial_dims": spatial_dims, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "infer",
+    network_options = {k: v for k, v in options.items() if k in ("backbone_name", "integration_steps")}
+    infer = {**network_options, "spatial_dims": spatial_dims, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "infer",
              "fixed_image": fixed, "moving_image": moving, "moving_label": moving_label}
     check_ok(run_bundle("inference", [INFERENCE], infer))
     fixed_nifti = nib.load(fixed)

@@ -1,9 +1,4 @@
-"""Writes inference outputs as NIfTI on the fixed image's (preprocessed) grid, plus an overview PNG and metrics.
-
-Every output carries the affine MONAI tracked for the fixed image through orientation, resampling and crop/pad, so
-it overlays the fixed image in ITK-SNAP / 3D Slicer. When ``pixdim`` equals the fixed image's spacing and no
-``spatial_size`` is forced, that grid is the fixed image's own (RAS-reoriented) grid.
-"""
+"""Writes inference outputs as NIfTI on the fixed image file's grid, plus an overview PNG and metrics, atomically."""
 
 from __future__ import annotations
 
@@ -15,6 +10,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .fixed_grid import FixedFileGrid
 from .handlers import atomic_write_text, logger
 from .visualize import save_overview_png
 
@@ -52,17 +48,14 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str, intent: 
     return path
 
 
-def _spatial(array: np.ndarray) -> np.ndarray:
-    """``(*spatial)`` -> 3D NIfTI layout (2D images stored as ``(H, W, 1)``, like their inputs)."""
-    return array[..., None] if array.ndim == 2 else array
-
-
 class RegistrationWriter:
-    """Writes, for each registered pair, into ``output_dir`` (a sub-folder per pair when there are several):
+    """Writes, for each registered pair, into ``output_dir`` (a sub-folder per pair when there are several), on the
+    fixed file's own grid and with its own affine (resampled from the network's grid only where they differ):
 
     ``warped_image.nii.gz`` (float32), ``warped_label.nii.gz`` (int16, nearest; when a moving label is given),
-    ``ddf.nii.gz`` (displacement in voxels of this grid, NIfTI vector layout ``(X, Y, Z, 1, spatial_dims)``,
-    component ``i`` along array axis ``i``: MONAI's ``Warp`` convention), ``overview.png`` and ``metrics.json``.
+    ``ddf.nii.gz`` (displacement in voxels of the fixed file's grid, NIfTI vector layout ``(X, Y, Z, 1, dims)``,
+    component ``i`` along array axis ``i``: MONAI's ``Warp`` convention, ``warped(x) = moving(x + u(x))``),
+    ``overview.png`` (network grid) and ``metrics.json``.
     """
 
     def __init__(self, output_dir: str) -> None:
@@ -73,20 +66,21 @@ class RegistrationWriter:
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        batch = engine.state.batch
+        fixed = engine.state.batch["fixed_image"]
         several = len(engine.state.dataloader.dataset) > 1
         for i, record in enumerate(output["records"]):
             folder = os.path.join(self.output_dir, f"{record['moving']}_to_{record['fixed']}") if several else self.output_dir
-            affine = batch["fixed_image"].affine[i] if batch["fixed_image"].affine.ndim == 3 else batch["fixed_image"].affine
-            affine = affine.cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+            affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
+            grid = FixedFileGrid(
+                fixed.meta["filename_or_obj"][i], torch.as_tensor(affine).cpu().numpy(), tuple(fixed.shape[2:])
+            )
             warped = output["warped_image"][i, 0].float().cpu().numpy()
             ddf = output["ddf"][i].float().cpu().numpy()
-            save_nifti_atomic(_spatial(warped).astype(np.float32), affine, os.path.join(folder, "warped_image.nii.gz"))
-            vector = np.stack([_spatial(component) for component in ddf], axis=-1)[..., None, :].astype(np.float32)
-            save_nifti_atomic(vector, affine, os.path.join(folder, "ddf.nii.gz"), intent=NIFTI_INTENT_VECTOR)
+            save_nifti_atomic(grid.image(warped).astype(np.float32), grid.file_affine, os.path.join(folder, "warped_image.nii.gz"))
+            save_nifti_atomic(grid.ddf(ddf), grid.file_affine, os.path.join(folder, "ddf.nii.gz"), intent=NIFTI_INTENT_VECTOR)
             if "warped_label" in output:
-                label = output["warped_label"][i, 0].cpu().numpy().round().astype(np.int16)
-                save_nifti_atomic(_spatial(label), affine, os.path.join(folder, "warped_label.nii.gz"))
+                label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
+                save_nifti_atomic(label, grid.file_affine, os.path.join(folder, "warped_label.nii.gz"))
             save_overview_png(
                 os.path.join(folder, "overview.png"),
                 output["fixed_image"][i, 0].float().cpu().numpy(),
@@ -95,4 +89,7 @@ class RegistrationWriter:
                 ddf,
             )
             atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(record, indent=1))
-            logger.info("registered %s -> %s in %.3f s; outputs in %s", record["moving"], record["fixed"], record["seconds"], folder)
+            logger.info(
+                "registered %s -> %s in %.3f s; outputs in %s%s", record["moving"], record["fixed"], record["seconds"],
+                folder, "" if grid.identical else " (resampled onto the fixed file's grid)",
+            )

@@ -1,0 +1,73 @@
+"""Bring arrays from the network's grid back onto the fixed image file's own grid (shape, orientation, spacing).
+
+The network works on the preprocessed grid (RAS, ``pixdim``, ``spatial_size``); a user overlays outputs on the fixed
+file in ITK-SNAP / 3D Slicer and expects its exact header. When the two grids coincide nothing is resampled.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ResampleToMatch
+
+__all__ = ["FixedFileGrid"]
+
+
+class FixedFileGrid:
+    """The fixed file's grid, and conversions of network-grid arrays onto it.
+
+    Args:
+        fixed_path: the fixed image file.
+        network_affine: ``(dims + 1)``-square affine of the preprocessed fixed image (MONAI's, 3x3 for 2D).
+        network_shape: spatial shape of the preprocessed fixed image.
+    """
+
+    def __init__(self, fixed_path: str, network_affine: np.ndarray, network_shape: tuple[int, ...]) -> None:
+        header = nib.load(fixed_path)
+        self.file_affine = np.asarray(header.affine, dtype=np.float64)
+        self.file_shape = tuple(int(s) for s in header.shape[:3])
+        self.dims = len(network_shape)
+        # 2D networks drop the slice axis; embed their in-plane affine in the file's so the slice keeps its position.
+        self.network_affine = self.file_affine.copy()
+        network_affine = np.asarray(network_affine, dtype=np.float64)
+        self.network_affine[: self.dims, : self.dims] = network_affine[: self.dims, : self.dims]
+        self.network_affine[: self.dims, 3] = network_affine[: self.dims, self.dims]
+        self.network_shape = tuple(network_shape) + (1,) * (3 - self.dims)
+        self.identical = self.network_shape == self.file_shape and np.allclose(
+            self.network_affine, self.file_affine, atol=1e-4
+        )
+        self._resample = ResampleToMatch()
+        self._destination = MetaTensor(torch.zeros((1,) + self.file_shape), affine=torch.as_tensor(self.file_affine))
+
+    def _to_file(self, channels: np.ndarray, mode: str) -> np.ndarray:
+        """``(C, *network spatial)`` -> ``(C, X, Y, Z)`` on the file grid."""
+        volume = channels.reshape((channels.shape[0],) + self.network_shape)
+        if self.identical:
+            return volume
+        source = MetaTensor(torch.as_tensor(volume, dtype=torch.float32), affine=torch.as_tensor(self.network_affine))
+        resampled = self._resample(source, self._destination, mode=mode, padding_mode="zeros")
+        return np.asarray(resampled.detach().cpu().numpy())
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """Intensity image ``(*network spatial)`` -> ``(X, Y, Z)`` on the file grid (bilinear)."""
+        return self._to_file(image[None], mode="bilinear")[0]
+
+    def label(self, label: np.ndarray) -> np.ndarray:
+        """Label map ``(*network spatial)`` -> ``(X, Y, Z)`` on the file grid (nearest neighbour)."""
+        return self._to_file(label[None], mode="nearest")[0]
+
+    def ddf(self, ddf: np.ndarray) -> np.ndarray:
+        """DDF in network-grid voxels ``(dims, *network spatial)`` -> file-grid voxels ``(X, Y, Z, 1, dims)``.
+
+        Displacements are vectors: they go through world coordinates (``A_network · u``), are resampled
+        component-wise, and come back as ``A_file⁻¹ · d`` in the file's voxel axes.
+        """
+        if not self.identical:
+            linear = self.network_affine[: self.dims, : self.dims]
+            world = np.einsum("ij,j...->i...", linear, ddf)
+            world = self._to_file(world, mode="bilinear")
+            ddf = np.einsum("ij,j...->i...", np.linalg.inv(self.file_affine[: self.dims, : self.dims]), world)
+        ddf = ddf.reshape((self.dims,) + self.file_shape)
+        return np.moveaxis(ddf, 0, -1)[..., None, :].astype(np.float32)

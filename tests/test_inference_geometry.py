@@ -1,0 +1,69 @@
+"""Inference outputs land on the fixed file's own grid: orientation, slice position and shape kept, DDF converted."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, check_ok, run_bundle
+from monai.bundle import ConfigParser
+from scripts.synthetic import SyntheticSpec, generate_subjects
+
+
+@pytest.fixture(scope="module")
+def pair_and_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("geometry")
+    subjects, _ = generate_subjects(SyntheticSpec(spatial_dims=2, shape=[64, 64], num_subjects=4, num_validation=1,
+                                                  num_test=1, seed=7))
+    affine = np.eye(4)
+    affine[2, 3] = 100.0  # a slice taken at z = 100 mm must stay there
+    files = {}
+    for name, (image, label) in zip(("fixed", "moving"), subjects[:2]):
+        for kind, array in (("image", image), ("label", label)):
+            files[f"{name}_{kind}"] = str(folder / f"{name}_{kind}.nii.gz")
+            nib.save(nib.Nifti1Image(array[..., None], affine), files[f"{name}_{kind}"])
+    # The same fixed slice stored flipped along the first axis (L-A-S instead of R-A-S).
+    flipped_affine = affine.copy()
+    flipped_affine[0, 0], flipped_affine[0, 3] = -1.0, 63.0
+    files["fixed_flipped"] = str(folder / "fixed_flipped.nii.gz")
+    nib.save(nib.Nifti1Image(subjects[0][0][::-1, :, None].copy(), flipped_affine), files["fixed_flipped"])
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    # a visibly non-zero field, so the DDF conversion is exercised
+    for parameter in network.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    flow_head = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    torch.nn.init.normal_(flow_head.weight, std=2.0)
+    torch.save(network.state_dict(), folder / "model.pt")
+    return folder, files
+
+
+def _infer(folder, files, fixed_key, out):
+    overrides = {"fixed_image": files[fixed_key], "moving_image": files["moving_image"],
+                 "moving_label": files["moving_label"], "ckpt_path": folder / "model.pt", "output_dir": out}
+    check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
+    return {name: nib.load(str(out / f"{name}.nii.gz")) for name in ("warped_image", "warped_label", "ddf")}
+
+
+def test_outputs_carry_the_fixed_files_affine_and_follow_its_orientation(pair_and_checkpoint, tmp_path):
+    folder, files = pair_and_checkpoint
+    plain = _infer(folder, files, "fixed_image", tmp_path / "plain")
+    flipped = _infer(folder, files, "fixed_flipped", tmp_path / "flipped")
+    fixed_affine = nib.load(files["fixed_image"]).affine
+    for name in plain:
+        np.testing.assert_allclose(plain[name].affine, fixed_affine)
+        np.testing.assert_allclose(flipped[name].affine, nib.load(files["fixed_flipped"]).affine)
+        assert plain[name].shape[:3] == flipped[name].shape[:3] == (64, 64, 1)
+    label, label_flipped = (np.asarray(o["warped_label"].dataobj) for o in (plain, flipped))
+    assert len(np.unique(label)) > 3
+    np.testing.assert_array_equal(label_flipped, label[::-1])  # same anatomy at the same world positions
+    image, image_flipped = (o["warped_image"].get_fdata() for o in (plain, flipped))
+    np.testing.assert_allclose(image_flipped, image[::-1], atol=1e-5)
+    ddf, ddf_flipped = (o["ddf"].get_fdata() for o in (plain, flipped))
+    assert np.abs(ddf).max() > 0.5
+    # axis 0 runs the other way in the flipped file: its displacement component changes sign
+    np.testing.assert_allclose(ddf_flipped[..., 0], -ddf[::-1, ..., 0], atol=1e-4)
+    np.testing.assert_allclose(ddf_flipped[..., 1], ddf[::-1, ..., 1], atol=1e-4)
