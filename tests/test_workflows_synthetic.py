@@ -74,3 +74,25 @@ def test_train_evaluate_infer_on_synthetic_data(tmp_path, spatial_dims):
     assert set(np.unique(warped_label)) <= set(np.unique(np.asarray(nib.load(moving_label).dataobj)))
     assert (tmp_path / "infer" / "overview.png").stat().st_size > 10_000
     assert not list((tmp_path / "infer").glob(".tmp*"))
+
+
+def test_training_without_any_labels_still_saves_model_pt(tmp_path):
+    """Unlabelled cohorts are the point of unsupervised registration: no Dice to rank by, so the latest is kept."""
+    from scripts.synthetic import ensure_synthetic_dataset
+
+    source = ensure_synthetic_dataset(str(tmp_path / "synthetic"), dict(spatial_dims=2, shape=[64, 64], num_subjects=6,
+                                                                        num_validation=2, num_test=1))
+    content = json.loads(open(source).read())
+    unlabelled = {section: [{"image": entry["image"]} for entry in content[section]]
+                  for section in ("training", "validation", "test")}
+    datalist = tmp_path / "synthetic" / "unlabelled.json"
+    datalist.write_text(json.dumps(unlabelled))
+    overrides = {"datalist": datalist, "spatial_size": "[64,64]", "output_dir": tmp_path / "out",
+                 "ckpt_dir": tmp_path / "models", "max_epochs": 1, "num_pairs_per_epoch": 2, "batch_size": 2,
+                 "val_interval": 1}
+    output = check_ok(run_bundle("training", [TRAIN], overrides))
+    assert "saving the latest" in output
+    assert (tmp_path / "models" / "model.pt").is_file()
+    summary = json.loads((tmp_path / "out" / "validation" / "metrics.json").read_text())["summary"]
+    assert summary["pairs"] == 2 and "registered_mean_dice" not in summary
+    assert summary["registered_folding_fraction"] >= 0.0

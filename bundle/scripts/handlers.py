@@ -221,7 +221,8 @@ class EngineProgressBar:
 
 class AtomicCheckpointSaver:
     """Saves ``network.state_dict()`` to ``save_dir/filename``: at each new best key metric of the evaluator it is
-    attached to (``when="best"``), or when the engine completes (``when="final"``).
+    attached to (``when="best"``; every time when the metric is NaN, i.e. validation pairs without labels), or when
+    the engine completes (``when="final"``).
 
     MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed mid-write leaves a truncated
     ``model.pt``; here the file is written beside the target and renamed, so ``model.pt`` is always loadable.
@@ -240,9 +241,13 @@ class AtomicCheckpointSaver:
     def _maybe_save(self, engine: Engine) -> None:
         if self.when == "best":
             value = engine.state.metrics.get(engine.state.key_metric_name, float("nan"))
-            if math.isnan(value) or value <= self.best:
+            if math.isnan(value):
+                # Unlabelled validation pairs have no Dice: keep the latest model so model.pt always exists.
+                logger.info("no key metric (%s) to rank checkpoints: saving the latest", engine.state.key_metric_name)
+            elif value <= self.best:
                 return
-            self.best = value
+            else:
+                self.best = value
         self.save(os.path.join(self.save_dir, self.filename))
 
     def save(self, path: str) -> None:
