@@ -53,7 +53,8 @@ def main() -> None:
     register()  # warm-up: first-call allocations and kernel selection
     times = [register() for _ in range(args.repeats)]
     print(f"shape {tuple(fixed.shape[2:])}, {args.threads} threads, {torch.__version__}")
-    print(f"seconds per 3D pair (median of {args.repeats}): {statistics.median(times):.2f}  (all: {', '.join(f'{t:.2f}' for t in times)})")
+    every = ", ".join(f"{t:.2f}" for t in times)
+    print(f"seconds per 3D pair (median of {args.repeats}): {statistics.median(times):.2f}  (all: {every})")
 
 
 if __name__ == "__main__":

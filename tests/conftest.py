@@ -18,11 +18,13 @@ sys.path.insert(0, str(BUNDLE))
 
 requires_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "oasis3d").is_dir(),
-    reason=f"real OASIS data not found at {SHARED_DATA} (set REGISTRATION_SHARED_DATA or place shared/ beside the repo)",
+    reason=f"real OASIS data not found at {SHARED_DATA} (put shared/ beside the repo, or set REGISTRATION_SHARED_DATA)",
 )
 
 
-def run_bundle(run_id: str, config_files: list[str], overrides: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_bundle(
+    run_id: str, config_files: list[str], overrides: dict, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run <run_id>`` exactly as a user would; return the finished process."""
     config = config_files[0] if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]

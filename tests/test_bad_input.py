@@ -198,10 +198,12 @@ def test_pair_of_different_shape_or_spacing_is_resampled_onto_the_fixed_grid(
     subjects = []
     for name, shape, spacing in (("fixed", fixed_shape, 1.0), ("moving", moving_shape, moving_spacing)):
         image, label = blob(shape, spacing)
-        subjects.append({
-            "image": _save(tmp_path / f"{name}.nii.gz", image, spacing),
-            "label": _save(tmp_path / f"{name}_seg.nii.gz", label, spacing),
-        })
+        subjects.append(
+            {
+                "image": _save(tmp_path / f"{name}.nii.gz", image, spacing),
+                "label": _save(tmp_path / f"{name}_seg.nii.gz", label, spacing),
+            }
+        )
     dataset = Dataset(subjects, subject_preprocessing(spatial_dims, 1.0, None))
     assert dataset[0]["image"].shape != dataset[1]["image"].shape  # different grids even after Spacingd
     pair = PairDataset(dataset, mode="explicit", pairs=[(0, 1)])[0]
@@ -288,8 +290,13 @@ def test_invalid_json_datalist_is_named_by_every_reader(tmp_path):
 
 
 def test_unknown_pair_mode_is_rejected(tmp_path):
-    datalist = _datalist(tmp_path, {"training": [_subject_2d(tmp_path, "a"), _subject_2d(tmp_path, "b")],
-                                    "validation": [_subject_2d(tmp_path, "c"), _subject_2d(tmp_path, "d")]})
+    datalist = _datalist(
+        tmp_path,
+        {
+            "training": [_subject_2d(tmp_path, "a"), _subject_2d(tmp_path, "b")],
+            "validation": [_subject_2d(tmp_path, "c"), _subject_2d(tmp_path, "d")],
+        },
+    )
     expected = re.escape("unknown pair_mode 'random'; expected one of ('pairwise', 'ring', 'atlas', 'explicit')")
     with pytest.raises(ValueError, match=expected):
         held_out_pairs(datalist, "validation", None, subject_preprocessing(2, 1.0, None), pair_mode="random")

@@ -55,8 +55,16 @@ def test_metadata_validates_against_the_model_zoo_schema(tmp_path):
 
 
 def test_verify_net_in_out_and_traced_export(tmp_path):
-    result = _cli("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                  "--config_file", "configs/inference.yaml", "--device", "cpu")
+    result = _cli(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-3000:]
 
     parser = ConfigParser()
@@ -65,9 +73,22 @@ def test_verify_net_in_out_and_traced_export(tmp_path):
     checkpoint = tmp_path / "model.pt"
     torch.save(network.state_dict(), checkpoint)
     exported = tmp_path / "model.ts"
-    result = _cli("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(checkpoint),
-                  "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml",
-                  "--use_trace", "True", "--input_shape", "[1,2,64,64]")
+    result = _cli(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        str(checkpoint),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1,2,64,64]",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     x = torch.rand(1, 2, 64, 64)
     with torch.no_grad():

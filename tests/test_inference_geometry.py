@@ -14,8 +14,9 @@ from scripts.synthetic import SyntheticSpec, generate_subjects
 @pytest.fixture(scope="module")
 def pair_and_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("geometry")
-    subjects, _ = generate_subjects(SyntheticSpec(spatial_dims=2, shape=[64, 64], num_subjects=4, num_validation=1,
-                                                  num_test=1, seed=7))
+    subjects, _ = generate_subjects(
+        SyntheticSpec(spatial_dims=2, shape=[64, 64], num_subjects=4, num_validation=1, num_test=1, seed=7)
+    )
     affine = np.eye(4)
     affine[2, 3] = 100.0  # a slice taken at z = 100 mm must stay there
     files = {}
@@ -42,8 +43,13 @@ def pair_and_checkpoint(tmp_path_factory):
 
 
 def _infer(folder, files, fixed_key, out):
-    overrides = {"fixed_image": files[fixed_key], "moving_image": files["moving_image"],
-                 "moving_label": files["moving_label"], "ckpt_path": folder / "model.pt", "output_dir": out}
+    overrides = {
+        "fixed_image": files[fixed_key],
+        "moving_image": files["moving_image"],
+        "moving_label": files["moving_label"],
+        "ckpt_path": folder / "model.pt",
+        "output_dir": out,
+    }
     check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
     return {name: nib.load(str(out / f"{name}.nii.gz")) for name in ("warped_image", "warped_label", "ddf")}
 

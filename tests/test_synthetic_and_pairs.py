@@ -60,7 +60,9 @@ def test_pairwise_sampler_never_pairs_a_subject_with_itself_and_covers_all():
 
 def test_pairwise_sampler_draws_fresh_pairs_each_epoch_but_is_seeded():
     def epoch(dataset):
-        return [(int(p["fixed_image"][0, 0, 0]), int(p["moving_image"][0, 0, 0])) for p in (dataset[i] for i in range(20))]
+        return [
+            (int(p["fixed_image"][0, 0, 0]), int(p["moving_image"][0, 0, 0])) for p in (dataset[i] for i in range(20))
+        ]
 
     dataset = PairDataset(_subjects(6), mode="pairwise", num_pairs=20, seed=5)
     first, second = epoch(dataset), epoch(dataset)
@@ -71,7 +73,10 @@ def test_pairwise_sampler_draws_fresh_pairs_each_epoch_but_is_seeded():
 def test_deterministic_modes():
     ring = PairDataset(_subjects(4), mode="ring")
     assert [(int(ring[i]["fixed_image"][0, 0, 0]), int(ring[i]["moving_image"][0, 0, 0])) for i in range(4)] == [
-        (1, 0), (2, 1), (3, 2), (0, 3)
+        (1, 0),
+        (2, 1),
+        (3, 2),
+        (0, 3),
     ]
     atlas = [{"image": np.full((1, 4, 4), 99.0, dtype=np.float32)}]
     both = PairDataset(_subjects(3), mode="atlas", atlas=atlas, atlas_direction="both")

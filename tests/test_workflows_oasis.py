@@ -17,8 +17,10 @@ INFERENCE = str(CONFIGS / "inference.yaml")
 
 
 def _write_datalist(folder, data, with_atlas: bool) -> str:
-    subjects = [{"image": str(data / f"subject_{s}_image.nii.gz"), "label": str(data / f"subject_{s}_label.nii.gz")}
-                for s in ("a", "b")]
+    subjects = [
+        {"image": str(data / f"subject_{s}_image.nii.gz"), "label": str(data / f"subject_{s}_label.nii.gz")}
+        for s in ("a", "b")
+    ]
     datalist = {
         "training": subjects,
         "validation": subjects,
@@ -48,9 +50,15 @@ def _check_inference_overlays_fixed(out, fixed_image, moving_label):
 @requires_shared_data
 def test_oasis2d_atlas_mode_train_evaluate_infer(tmp_path):
     data = SHARED_DATA / "oasis2d"
-    common = {"datalist": _write_datalist(tmp_path, data, with_atlas=True), "spatial_dims": 2,
-              "spatial_size": "[160,192]", "pair_mode": "atlas", "atlas_direction": "both",
-              "output_dir": tmp_path / "out", "ckpt_dir": tmp_path / "models"}
+    common = {
+        "datalist": _write_datalist(tmp_path, data, with_atlas=True),
+        "spatial_dims": 2,
+        "spatial_size": "[160,192]",
+        "pair_mode": "atlas",
+        "atlas_direction": "both",
+        "output_dir": tmp_path / "out",
+        "ckpt_dir": tmp_path / "models",
+    }
     check_ok(run_bundle("training", [TRAIN], {**common, "max_epochs": 1, "batch_size": 2, "val_interval": 1}))
     validation = json.loads((tmp_path / "out" / "validation" / "metrics.json").read_text())
     assert validation["summary"]["pairs"] == 4  # two subjects, both directions to and from the atlas
@@ -62,12 +70,19 @@ def test_oasis2d_atlas_mode_train_evaluate_infer(tmp_path):
     assert report["pairs"][0]["moving"] == "subject_b_image" and report["pairs"][0]["fixed"] == "subject_a_image"
     assert 0.2 < report["summary"]["identity_mean_dice"] < 0.8
 
-    infer = {"spatial_dims": 2, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "infer",
-             "fixed_image": data / "subject_a_image.nii.gz", "moving_image": data / "subject_b_image.nii.gz",
-             "moving_label": data / "subject_b_label.nii.gz", "fixed_label": data / "subject_a_label.nii.gz"}
+    infer = {
+        "spatial_dims": 2,
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "infer",
+        "fixed_image": data / "subject_a_image.nii.gz",
+        "moving_image": data / "subject_b_image.nii.gz",
+        "moving_label": data / "subject_b_label.nii.gz",
+        "fixed_label": data / "subject_a_label.nii.gz",
+    }
     check_ok(run_bundle("inference", [INFERENCE], infer))
-    record = _check_inference_overlays_fixed(tmp_path / "infer", str(data / "subject_a_image.nii.gz"),
-                                             str(data / "subject_b_label.nii.gz"))
+    record = _check_inference_overlays_fixed(
+        tmp_path / "infer", str(data / "subject_a_image.nii.gz"), str(data / "subject_b_label.nii.gz")
+    )
     # same pair, same grid: the inference identity baseline equals evaluation's
     assert abs(record["identity_mean_dice"] - report["pairs"][0]["identity_mean_dice"]) < 1e-9
 
@@ -77,11 +92,29 @@ def test_oasis3d_train_evaluate_then_infer_at_full_resolution(tmp_path):
     """Training and evaluation at 2 mm keep the CPU test short; inference runs on the full 1 mm grid."""
     data = SHARED_DATA / "oasis3d"
     eval_labels = data / "eval_labels.json"
-    common = {"datalist": _write_datalist(tmp_path, data, with_atlas=False), "spatial_dims": 3, "pixdim": 2.0,
-              "spatial_size": "[80,96,112]", "eval_label_ids": f"'{eval_labels}'",
-              "output_dir": tmp_path / "out", "ckpt_dir": tmp_path / "models"}
-    check_ok(run_bundle("training", [TRAIN], {**common, "max_epochs": 1, "num_pairs_per_epoch": 2,
-                                              "batch_size": 1, "val_batch_size": 1, "val_interval": 1}))
+    common = {
+        "datalist": _write_datalist(tmp_path, data, with_atlas=False),
+        "spatial_dims": 3,
+        "pixdim": 2.0,
+        "spatial_size": "[80,96,112]",
+        "eval_label_ids": f"'{eval_labels}'",
+        "output_dir": tmp_path / "out",
+        "ckpt_dir": tmp_path / "models",
+    }
+    check_ok(
+        run_bundle(
+            "training",
+            [TRAIN],
+            {
+                **common,
+                "max_epochs": 1,
+                "num_pairs_per_epoch": 2,
+                "batch_size": 1,
+                "val_batch_size": 1,
+                "val_interval": 1,
+            },
+        )
+    )
     check_ok(run_bundle("evaluating", [TRAIN, EVALUATE], common))
     report = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     pair = report["pairs"][0]
@@ -91,11 +124,18 @@ def test_oasis3d_train_evaluate_then_infer_at_full_resolution(tmp_path):
     # shared/data/README.md: no registration scores 0.522 on these 30 structures at 1 mm; 2 mm is close to it
     assert 0.45 < pair["identity_mean_dice"] < 0.6
 
-    infer = {"spatial_dims": 3, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "infer",
-             "fixed_image": data / "subject_a_image.nii.gz", "moving_image": data / "subject_b_image.nii.gz",
-             "moving_label": data / "subject_b_label.nii.gz", "fixed_label": data / "subject_a_label.nii.gz",
-             "eval_label_ids": f"'{eval_labels}'"}
+    infer = {
+        "spatial_dims": 3,
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "infer",
+        "fixed_image": data / "subject_a_image.nii.gz",
+        "moving_image": data / "subject_b_image.nii.gz",
+        "moving_label": data / "subject_b_label.nii.gz",
+        "fixed_label": data / "subject_a_label.nii.gz",
+        "eval_label_ids": f"'{eval_labels}'",
+    }
     check_ok(run_bundle("inference", [INFERENCE], infer))
-    record = _check_inference_overlays_fixed(tmp_path / "infer", str(data / "subject_a_image.nii.gz"),
-                                             str(data / "subject_b_label.nii.gz"))
+    record = _check_inference_overlays_fixed(
+        tmp_path / "infer", str(data / "subject_a_image.nii.gz"), str(data / "subject_b_label.nii.gz")
+    )
     assert abs(record["identity_mean_dice"] - 0.522) < 0.005  # full resolution reproduces the reference figure

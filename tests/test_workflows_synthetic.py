@@ -18,8 +18,13 @@ INFERENCE = str(CONFIGS / "inference.yaml")
 # alternatives a user switches on by override: MSE, semi-supervised Dice on training labels, LocalNet, no integration.
 OPTIONS = {
     2: {},
-    3: {"similarity": "mse", "label_weight": 0.5, "train_label_ids": "[1,2,3,4,5,6,7,8]",
-        "backbone_name": "localnet", "integration_steps": 0},
+    3: {
+        "similarity": "mse",
+        "label_weight": 0.5,
+        "train_label_ids": "[1,2,3,4,5,6,7,8]",
+        "backbone_name": "localnet",
+        "integration_steps": 0,
+    },
 }
 
 
@@ -48,9 +53,17 @@ def test_train_evaluate_infer_on_synthetic_data(tmp_path, spatial_dims):
     report = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     summary = report["summary"]
     assert summary["pairs"] == 2 and len(report["pairs"]) == 2
-    for key in ("identity_mean_dice", "registered_mean_dice", "registered_dsc30", "registered_mean_hd95",
-                "identity_mean_hd95", "registered_folding_fraction", "registered_std_log_jacobian",
-                "registered_sdlogj_learn2reg", "registered_seconds"):
+    for key in (
+        "identity_mean_dice",
+        "registered_mean_dice",
+        "registered_dsc30",
+        "registered_mean_hd95",
+        "identity_mean_hd95",
+        "registered_folding_fraction",
+        "registered_std_log_jacobian",
+        "registered_sdlogj_learn2reg",
+        "registered_seconds",
+    ):
         assert np.isfinite(summary[key]), key
     assert 0.0 < summary["identity_mean_dice"] < 1.0
     assert set(report["pairs"][0]["registered_dice"]) == set(report["pairs"][0]["identity_dice"])
@@ -61,8 +74,15 @@ def test_train_evaluate_infer_on_synthetic_data(tmp_path, spatial_dims):
     fixed, moving = (str(tmp_path / "synthetic" / datalist["test"][i]["image"]) for i in (0, 1))
     moving_label = str(tmp_path / "synthetic" / datalist["test"][1]["label"])
     network_options = {k: v for k, v in options.items() if k in ("backbone_name", "integration_steps")}
-    infer = {**network_options, "spatial_dims": spatial_dims, "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "infer",
-             "fixed_image": fixed, "moving_image": moving, "moving_label": moving_label}
+    infer = {
+        **network_options,
+        "spatial_dims": spatial_dims,
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "infer",
+        "fixed_image": fixed,
+        "moving_image": moving,
+        "moving_label": moving_label,
+    }
     check_ok(run_bundle("inference", [INFERENCE], infer))
     fixed_nifti = nib.load(fixed)
     for name in ("warped_image", "warped_label", "ddf"):
@@ -80,16 +100,26 @@ def test_training_without_any_labels_still_saves_model_pt(tmp_path):
     """Unlabelled cohorts are the point of unsupervised registration: no Dice to rank by, so the latest is kept."""
     from scripts.synthetic import ensure_synthetic_dataset
 
-    source = ensure_synthetic_dataset(str(tmp_path / "synthetic"), dict(spatial_dims=2, shape=[64, 64], num_subjects=6,
-                                                                        num_validation=2, num_test=1))
+    source = ensure_synthetic_dataset(
+        str(tmp_path / "synthetic"), dict(spatial_dims=2, shape=[64, 64], num_subjects=6, num_validation=2, num_test=1)
+    )
     content = json.loads(open(source).read())
-    unlabelled = {section: [{"image": entry["image"]} for entry in content[section]]
-                  for section in ("training", "validation", "test")}
+    unlabelled = {
+        section: [{"image": entry["image"]} for entry in content[section]]
+        for section in ("training", "validation", "test")
+    }
     datalist = tmp_path / "synthetic" / "unlabelled.json"
     datalist.write_text(json.dumps(unlabelled))
-    overrides = {"datalist": datalist, "spatial_size": "[64,64]", "output_dir": tmp_path / "out",
-                 "ckpt_dir": tmp_path / "models", "max_epochs": 1, "num_pairs_per_epoch": 2, "batch_size": 2,
-                 "val_interval": 1}
+    overrides = {
+        "datalist": datalist,
+        "spatial_size": "[64,64]",
+        "output_dir": tmp_path / "out",
+        "ckpt_dir": tmp_path / "models",
+        "max_epochs": 1,
+        "num_pairs_per_epoch": 2,
+        "batch_size": 2,
+        "val_interval": 1,
+    }
     output = check_ok(run_bundle("training", [TRAIN], overrides))
     assert "saving the latest" in output
     assert (tmp_path / "models" / "model.pt").is_file()

@@ -82,7 +82,7 @@ def _read_datalist(datalist: str) -> dict:
         raise ValueError(f"datalist {datalist} is not a JSON text file: {error}") from error
     if not isinstance(content, dict):
         raise ValueError(
-            f"datalist {datalist} must be a JSON object such as {{\"training\": [...]}}, got a {type(content).__name__}"
+            f'datalist {datalist} must be a JSON object such as {{"training": [...]}}, got a {type(content).__name__}'
         )
     return content
 

@@ -1,175 +1,13 @@
-"""Ignite handlers for registration runs: the per-pair metrics report, its key metric, TensorBoard figures, progress.
-
-MONAI's ``MetricsSaver`` writes metrics that follow its ``Cumulative`` contract (tensors per class); registration
-records mix per-structure dicts, deformation statistics and timings, and the report must include the identity
-baseline, so they are aggregated here.
-"""
+"""Ignite handlers for the training/evaluation engines: TensorBoard overview figures and the progress bar."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import logging
-import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
-
-import numpy as np
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from ignite.metrics import Metric
 
 from .visualize import overview_figure
 
-__all__ = [
-    "AtomicCheckpointSaver",
-    "CheckpointFileLoader",
-    "EngineProgressBar",
-    "PairRecordMean",
-    "RegistrationImageLogger",
-    "RegistrationReport",
-    "atomic_write_text",
-]
-
-logger = logging.getLogger("registration")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any other file
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-class PairRecordMean(Metric):
-    """Mean over pairs of one scalar field of the evaluator's ``records`` (the key metric for checkpoints)."""
-
-    def __init__(self, field: str = "registered_mean_dice") -> None:
-        self.field = field
-        # ignite expects (y_pred, y) when the output is a mapping; this metric reads the records list instead.
-        super().__init__(output_transform=lambda output: output["records"])
-
-    def reset(self) -> None:
-        self._values: list[float] = []
-
-    def update(self, records: list[dict]) -> None:
-        self._values += [r[self.field] for r in records if self.field in r and not math.isnan(r[self.field])]
-
-    def compute(self) -> float:
-        return float(np.mean(self._values)) if self._values else float("nan")
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def summarize(records: Sequence[dict], quantile: float = 0.3) -> dict:
-    """Aggregate per-pair records: means over pairs, DSC30 (``quantile`` of pair mean Dice), per-structure Dice."""
-    summary: dict = {"pairs": len(records)}
-    for method in ("identity", "registered"):
-        dices = [r[f"{method}_mean_dice"] for r in records if f"{method}_mean_dice" in r]
-        if dices:
-            summary[f"{method}_mean_dice"] = _nanmean(dices)
-            summary[f"{method}_std_dice"] = float(np.nanstd(dices))
-            summary[f"{method}_dsc30"] = float(np.nanquantile(dices, quantile))
-            per_label: dict[str, list[float]] = {}
-            for r in records:
-                for label, value in r.get(f"{method}_dice", {}).items():
-                    per_label.setdefault(label, []).append(value)
-            summary[f"{method}_dice_per_label"] = {k: _nanmean(v) for k, v in sorted(per_label.items(), key=lambda kv: int(kv[0]))}
-        hd = [r[f"{method}_mean_hd95"] for r in records if f"{method}_mean_hd95" in r]
-        if hd:
-            summary[f"{method}_mean_hd95"] = _nanmean(hd)
-    for field in ("folding_fraction", "std_log_jacobian", "sdlogj_learn2reg", "seconds"):
-        summary[f"registered_{field}"] = _nanmean([r[field] for r in records])
-    return summary
-
-
-def format_table(summary: dict) -> str:
-    """Plain-text comparison of identity and registration."""
-    def cell(key: str, scale: float = 1.0, digits: int = 3) -> str:
-        value = summary.get(key)
-        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
-
-    rows = [
-        ("method", "mean Dice", "DSC30", "HD95", "folded %", "std log|J|", "SDlogJ(L2R)", "s/pair"),
-        ("identity", cell("identity_mean_dice"), cell("identity_dsc30"), cell("identity_mean_hd95", digits=2), "0.000", "0.000", "-", "-"),
-        (
-            "registered",
-            cell("registered_mean_dice"),
-            cell("registered_dsc30"),
-            cell("registered_mean_hd95", digits=2),
-            cell("registered_folding_fraction", 100.0),
-            cell("registered_std_log_jacobian"),
-            cell("registered_sdlogj_learn2reg"),
-            cell("registered_seconds", digits=4),
-        ),
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)) for row in rows]
-    return f"{summary['pairs']} held-out pairs\n" + "\n".join(lines)
-
-
-def _records_csv(records: Sequence[dict]) -> str:
-    scalar_fields = [k for k in records[0] if not isinstance(records[0][k], dict)]
-    label_fields = []
-    for method in ("identity", "registered"):
-        for metric in ("dice", "hd95"):
-            labels = sorted({label for r in records for label in r.get(f"{method}_{metric}", {})}, key=int)
-            label_fields += [(f"{method}_{metric}", label) for label in labels]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(scalar_fields + [f"{group}_{label}" for group, label in label_fields])
-    for r in records:
-        writer.writerow([r.get(k) for k in scalar_fields] + [r.get(group, {}).get(label, "") for group, label in label_fields])
-    return buffer.getvalue()
-
-
-class RegistrationReport:
-    """Collects the evaluator's per-pair ``records``; at epoch end writes ``{name}.json`` (summary + pairs) and
-    ``{name}.csv`` (one row per pair) atomically into ``output_dir``, logs the identity-vs-registered table, and puts
-    the summary's scalars into ``engine.state.metrics`` for the stats/TensorBoard handlers.
-    """
-
-    def __init__(self, output_dir: str | None, name: str = "metrics", quantile: float = 0.3) -> None:
-        self.output_dir, self.name, self.quantile = output_dir, name, quantile
-        self.records: list[dict] = []
-        self.summary: dict = {}
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finish)
-
-    def _reset(self, engine: Engine) -> None:
-        self.records = []
-
-    def _collect(self, engine: Engine) -> None:
-        self.records += engine.state.output["records"]
-
-    def _finish(self, engine: Engine) -> None:
-        if not self.records:
-            raise RuntimeError("no held-out pair was evaluated; check the datalist's validation/test section")
-        self.summary = summarize(self.records, self.quantile)
-        for key, value in self.summary.items():
-            if isinstance(value, float):
-                engine.state.metrics[key] = value
-        logger.info("registration report (epoch %d)\n%s", engine.state.epoch, format_table(self.summary))
-        if self.output_dir:
-            base = os.path.join(self.output_dir, self.name)
-            atomic_write_text(base + ".json", json.dumps({"summary": self.summary, "pairs": self.records}, indent=1))
-            atomic_write_text(base + ".csv", _records_csv(self.records))
+__all__ = ["EngineProgressBar", "RegistrationImageLogger"]
 
 
 class RegistrationImageLogger:
@@ -202,7 +40,9 @@ class RegistrationImageLogger:
         if self._writer is None:
             self._writer = SummaryWriter(log_dir=self.log_dir)
         first = self._first
-        figure = overview_figure(first["fixed_image"][0], first["moving_image"][0], first["warped_image"][0], first["ddf"])
+        figure = overview_figure(
+            first["fixed_image"][0], first["moving_image"][0], first["warped_image"][0], first["ddf"]
+        )
         self._writer.add_figure(self.tag, figure, global_step=engine.state.epoch, close=True)
         self._writer.flush()
 
@@ -217,80 +57,3 @@ class EngineProgressBar:
         ProgressBar(persist=self.persist).attach(
             engine, output_transform=lambda output: {"loss": output["loss"]} if "loss" in output else {}
         )
-
-
-class AtomicCheckpointSaver:
-    """Saves ``network.state_dict()`` to ``save_dir/filename``: at each new best key metric of the evaluator it is
-    attached to (``when="best"``; every time when the metric is NaN, i.e. validation pairs without labels), or when
-    the engine completes (``when="final"``).
-
-    MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed mid-write leaves a truncated
-    ``model.pt``; here the file is written beside the target and renamed, so ``model.pt`` is always loadable.
-    """
-
-    def __init__(self, save_dir: str, network, filename: str = "model.pt", when: str = "best") -> None:
-        if when not in ("best", "final"):
-            raise ValueError(f"when must be 'best' or 'final', got {when}")
-        self.save_dir, self.network, self.filename, self.when = save_dir, network, filename, when
-        self.best = -math.inf
-
-    def attach(self, engine: Engine) -> None:
-        event = Events.EPOCH_COMPLETED if self.when == "best" else Events.COMPLETED
-        engine.add_event_handler(event, self._maybe_save)
-
-    def _maybe_save(self, engine: Engine) -> None:
-        if self.when == "best":
-            value = engine.state.metrics.get(engine.state.key_metric_name, float("nan"))
-            if math.isnan(value):
-                # Unlabelled validation pairs have no Dice: keep the latest model so model.pt always exists.
-                logger.info("no key metric (%s) to rank checkpoints: saving the latest", engine.state.key_metric_name)
-            elif value <= self.best:
-                return
-            else:
-                self.best = value
-        self.save(os.path.join(self.save_dir, self.filename))
-
-    def save(self, path: str) -> None:
-        import torch
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".tmp", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(handle)
-        try:
-            network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
-            torch.save(network.state_dict(), temporary)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, path)
-            logger.info("saved checkpoint %s", path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-
-
-class CheckpointFileLoader:
-    """Loads a state dict into ``network`` when the engine starts, failing with the path when it is missing or
-    unreadable (MONAI's ``CheckpointLoader`` surfaces a bare ``torch.load`` error deep in the run)."""
-
-    def __init__(self, load_path: str, network, strict: bool = True) -> None:
-        self.load_path, self.network, self.strict = load_path, network, strict
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        import torch
-
-        if not os.path.isfile(self.load_path):
-            raise FileNotFoundError(f"checkpoint not found: {self.load_path} (train first, or pass --ckpt_path)")
-        try:
-            state = torch.load(self.load_path, map_location=engine.state.device, weights_only=True)
-        except Exception as error:  # torch raises several types for truncated or foreign files
-            raise ValueError(f"cannot load checkpoint {self.load_path}: {error}") from error
-        network = getattr(self.network, "module", self.network)
-        try:
-            network.load_state_dict(state, strict=self.strict)
-        except RuntimeError as error:
-            raise ValueError(
-                f"checkpoint {self.load_path} does not fit this network (check spatial_dims, backbone_name): {error}"
-            ) from error
-        logger.info("loaded checkpoint %s", self.load_path)

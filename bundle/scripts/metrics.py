@@ -72,9 +72,7 @@ def hd95_per_label(
             scores[label] = float("nan")
             continue
         union = np.argwhere(fixed_mask | warped_mask)
-        box = tuple(
-            slice(max(int(lo) - 2, 0), int(hi) + 3) for lo, hi in zip(union.min(axis=0), union.max(axis=0))
-        )
+        box = tuple(slice(max(int(lo) - 2, 0), int(hi) + 3) for lo, hi in zip(union.min(axis=0), union.max(axis=0)))
         pred = torch.as_tensor(warped_mask[box])[None, None]
         truth = torch.as_tensor(fixed_mask[box])[None, None]
         distance = compute_hausdorff_distance(pred, truth, percentile=95, spacing=spacing)
@@ -91,7 +89,10 @@ def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
     if spatial_dims not in (2, 3) or ddf.ndim != spatial_dims + 1:
         raise ValueError(f"expected a DDF of shape (spatial_dims, *spatial), got {ddf.shape}")
     # jac[i][j] = d φ_i / d x_j
-    jac = [[np.gradient(ddf[i], axis=j) + (1.0 if i == j else 0.0) for j in range(spatial_dims)] for i in range(spatial_dims)]
+    jac = [
+        [np.gradient(ddf[i], axis=j) + (1.0 if i == j else 0.0) for j in range(spatial_dims)]
+        for i in range(spatial_dims)
+    ]
     if spatial_dims == 2:
         return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
     return (

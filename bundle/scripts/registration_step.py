@@ -108,7 +108,9 @@ class RegistrationTrainStep:
             terms["loss"].backward()
             engine.optimizer.step()
         output = {name: value.item() for name, value in terms.items()}
-        output.update(fixed_image=fixed.detach(), moving_image=moving.detach(), warped_image=warped.detach(), ddf=ddf.detach())
+        output.update(
+            fixed_image=fixed.detach(), moving_image=moving.detach(), warped_image=warped.detach(), ddf=ddf.detach()
+        )
         return output
 
 

@@ -93,9 +93,7 @@ def _warp(volume: np.ndarray, ddf: np.ndarray, order: int) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=order, mode="nearest")
 
 
-def _render_image(
-    rng: np.random.Generator, labels: np.ndarray, label_means: np.ndarray, jitter: float
-) -> np.ndarray:
+def _render_image(rng: np.random.Generator, labels: np.ndarray, label_means: np.ndarray, jitter: float) -> np.ndarray:
     """Intensities per label (shared means + subject jitter), blur, bias field and noise, clipped to [0, 1]."""
     means = label_means + jitter * rng.standard_normal(label_means.shape)
     means[0] = 0.0

@@ -218,9 +218,7 @@ def subject_preprocessing(
         steps.append(Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True))
         steps.append(CheckIntensityd((), label_key, after=f"resampling to pixdim {pixdim}"))
     lower, upper = intensity_percentiles
-    steps.append(
-        ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True)
-    )
+    steps.append(ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True))
     if spatial_size is not None:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=list(spatial_size), allow_missing_keys=True))
     steps.append(EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True))

@@ -24,25 +24,26 @@ def overview_figure(
 ) -> plt.Figure:
     """Figure with four panels from ``(*spatial)`` images and a ``(spatial_dims, *spatial)`` DDF (voxels).
 
-    The grid panel draws the lines of ``φ(x) = x + u(x)`` for the in-plane displacement components; images are shown
-    with the first array axis vertical.
+    Arrays are RAS after preprocessing, so panels put axis 0 left to right and axis 1 bottom to top (an axial slice
+    then reads in neurological convention: right on the right, anterior up). The grid panel draws the lines of
+    ``φ(x) = x + u(x)`` with the in-plane displacement components.
     """
     panels = [("fixed", fixed), ("moving", moving), ("warped moving", warped)]
     figure, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     for axis, (title, image) in zip(axes, panels):
-        axis.imshow(_middle_slice(image), cmap="gray", vmin=0.0, vmax=max(float(image.max()), 1e-6))
+        axis.imshow(_middle_slice(image).T, cmap="gray", origin="lower", vmin=0.0, vmax=max(float(image.max()), 1e-6))
         axis.set_title(title)
     fixed_view = _middle_slice(fixed)
-    axes[3].imshow(fixed_view, cmap="gray", vmin=0.0, vmax=max(float(fixed.max()), 1e-6), alpha=0.5)
-    rows, cols = np.meshgrid(np.arange(fixed_view.shape[0]), np.arange(fixed_view.shape[1]), indexing="ij")
-    mapped_rows = rows + _middle_slice(ddf[0])
-    mapped_cols = cols + _middle_slice(ddf[1])
-    for r in range(0, fixed_view.shape[0], grid_step):
-        axes[3].plot(mapped_cols[r, :], mapped_rows[r, :], color="tab:red", linewidth=0.6)
-    for c in range(0, fixed_view.shape[1], grid_step):
-        axes[3].plot(mapped_cols[:, c], mapped_rows[:, c], color="tab:red", linewidth=0.6)
-    axes[3].set_xlim(-0.5, fixed_view.shape[1] - 0.5)
-    axes[3].set_ylim(fixed_view.shape[0] - 0.5, -0.5)
+    axes[3].imshow(fixed_view.T, cmap="gray", origin="lower", vmin=0.0, vmax=max(float(fixed.max()), 1e-6), alpha=0.5)
+    first, second = np.meshgrid(np.arange(fixed_view.shape[0]), np.arange(fixed_view.shape[1]), indexing="ij")
+    mapped_first = first + _middle_slice(ddf[0])
+    mapped_second = second + _middle_slice(ddf[1])
+    for i in range(0, fixed_view.shape[0], grid_step):
+        axes[3].plot(mapped_first[i, :], mapped_second[i, :], color="tab:red", linewidth=0.6)
+    for j in range(0, fixed_view.shape[1], grid_step):
+        axes[3].plot(mapped_first[:, j], mapped_second[:, j], color="tab:red", linewidth=0.6)
+    axes[3].set_xlim(-0.5, fixed_view.shape[0] - 0.5)
+    axes[3].set_ylim(-0.5, fixed_view.shape[1] - 0.5)
     axes[3].set_title("deformation grid φ")
     for axis in axes:
         axis.set_axis_off()

@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from .fixed_grid import FixedFileGrid
-from .handlers import atomic_write_text, logger
+from .files import atomic_write_text, logger
 from .visualize import save_overview_png
 
 __all__ = ["RegistrationWriter", "save_nifti_atomic", "to_nifti_affine"]
@@ -69,15 +69,23 @@ class RegistrationWriter:
         fixed = engine.state.batch["fixed_image"]
         several = len(engine.state.dataloader.dataset) > 1
         for i, record in enumerate(output["records"]):
-            folder = os.path.join(self.output_dir, f"{record['moving']}_to_{record['fixed']}") if several else self.output_dir
+            folder = (
+                os.path.join(self.output_dir, f"{record['moving']}_to_{record['fixed']}")
+                if several
+                else self.output_dir
+            )
             affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
             grid = FixedFileGrid(
                 fixed.meta["filename_or_obj"][i], torch.as_tensor(affine).cpu().numpy(), tuple(fixed.shape[2:])
             )
             warped = output["warped_image"][i, 0].float().cpu().numpy()
             ddf = output["ddf"][i].float().cpu().numpy()
-            save_nifti_atomic(grid.image(warped).astype(np.float32), grid.file_affine, os.path.join(folder, "warped_image.nii.gz"))
-            save_nifti_atomic(grid.ddf(ddf), grid.file_affine, os.path.join(folder, "ddf.nii.gz"), intent=NIFTI_INTENT_VECTOR)
+            save_nifti_atomic(
+                grid.image(warped).astype(np.float32), grid.file_affine, os.path.join(folder, "warped_image.nii.gz")
+            )
+            save_nifti_atomic(
+                grid.ddf(ddf), grid.file_affine, os.path.join(folder, "ddf.nii.gz"), intent=NIFTI_INTENT_VECTOR
+            )
             if "warped_label" in output:
                 label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
                 save_nifti_atomic(label, grid.file_affine, os.path.join(folder, "warped_label.nii.gz"))
@@ -90,6 +98,10 @@ class RegistrationWriter:
             )
             atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(record, indent=1))
             logger.info(
-                "registered %s -> %s in %.3f s; outputs in %s%s", record["moving"], record["fixed"], record["seconds"],
-                folder, "" if grid.identical else " (resampled onto the fixed file's grid)",
+                "registered %s -> %s in %.3f s; outputs in %s%s",
+                record["moving"],
+                record["fixed"],
+                record["seconds"],
+                folder,
+                "" if grid.identical else " (resampled onto the fixed file's grid)",
             )
