@@ -43,7 +43,7 @@ class SyntheticSpec(dict):
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        shape = list(shape) if shape is not None else ([96, 96] if spatial_dims == 2 else [48, 48, 48])
+        shape = list(shape) if shape is not None else ([96, 96] if spatial_dims == 2 else [32, 32, 32])
         if len(shape) != spatial_dims:
             raise ValueError(f"shape {shape} has {len(shape)} axes but spatial_dims is {spatial_dims}")
         if num_validation + num_test + 2 > num_subjects:
