@@ -120,3 +120,36 @@ def test_scaling_and_squaring_gives_invertible_field_where_plain_displacement_fo
     x = torch.zeros(1, 2, *shape)
     assert deformation_stats(plain(x)[0].numpy())["folding_fraction"] > 0.01
     assert deformation_stats(integrated(x)[0].detach().numpy())["folding_fraction"] < 0.001
+
+
+def test_train_step_refuses_a_non_finite_loss_before_updating_weights():
+    from types import SimpleNamespace
+
+    from monai.losses import BendingEnergyLoss
+    from scripts.registration_step import RegistrationLoss, RegistrationTrainStep
+
+    torch.manual_seed(0)
+    backbone = VoxelMorphUNet(
+        spatial_dims=2, in_channels=2, unet_out_channels=8, channels=(8, 8, 8, 8), final_conv_channels=(8,)
+    )
+    network = RegistrationNet(backbone, spatial_dims=2, divisor=4)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cpu"), epoch=3, iteration=7),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1.0),
+        amp=False,
+        scaler=None,
+        non_blocking=False,
+        optim_set_to_none=True,
+    )
+    step = RegistrationTrainStep(RegistrationLoss(torch.nn.MSELoss(), BendingEnergyLoss()))
+    fixed = torch.rand(1, 1, 16, 16)
+    fixed[0, 0, 3, 3] = float("nan")
+    batch = {"fixed_image": fixed, "moving_image": torch.rand(1, 1, 16, 16), "fixed_name": ["f"], "moving_name": ["m"]}
+    with pytest.raises(FloatingPointError, match="non-finite loss at epoch 3, iteration 7"):
+        step(engine, batch)
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    batch["fixed_image"] = torch.rand(1, 1, 16, 16)
+    assert np.isfinite(step(engine, batch)["loss"])

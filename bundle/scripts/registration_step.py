@@ -100,6 +100,14 @@ class RegistrationTrainStep:
                 labels["warped_label"] = self.warp(one_hot_labels(batch["moving_label"].to(device), ids), ddf)
                 labels["fixed_label"] = one_hot_labels(batch["fixed_label"].to(device), ids)
             terms = self.loss(warped, fixed, ddf, **labels)
+        if not torch.isfinite(terms["loss"]):
+            # Stop before the step: a non-finite update would corrupt the weights that the final checkpoint saves.
+            values = {name: float(value) for name, value in terms.items()}
+            raise FloatingPointError(
+                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} "
+                f"(pair {list(batch.get('moving_name', []))} -> {list(batch.get('fixed_name', []))}): {values}; "
+                "lower learning_rate or check the images"
+            )
         if engine.amp and engine.scaler is not None:
             engine.scaler.scale(terms["loss"]).backward()
             engine.scaler.step(engine.optimizer)
