@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch.distributed
 from scipy import ndimage
 
 __all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects"]
@@ -144,8 +145,17 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None
     spec = SyntheticSpec(**(spec or {}))
     root_path = Path(root)
     datalist_path = root_path / "datalist.json"
-    if _is_current(root_path, spec):
-        return str(datalist_path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun every rank asks for the data: rank 0 writes it while the others wait.
+        if torch.distributed.get_rank() == 0 and not _is_current(root_path, spec):
+            _generate(root_path, spec)
+        torch.distributed.barrier()
+    elif not _is_current(root_path, spec):
+        _generate(root_path, spec)
+    return str(datalist_path)
+
+
+def _generate(root_path: Path, spec: SyntheticSpec) -> None:
     root_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root_path.name}.", dir=root_path.parent))
     try:
@@ -176,4 +186,3 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return str(datalist_path)
