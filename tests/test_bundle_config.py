@@ -93,3 +93,22 @@ def test_verify_net_in_out_and_traced_export(tmp_path):
     x = torch.rand(1, 2, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(exported))(x), network(x))
+
+
+@pytest.mark.parametrize("subjects, expected", [(3, 1.0), (101, 0.0)])
+def test_large_cohorts_stream_instead_of_caching_everything(tmp_path, subjects, expected):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 1), dtype=np.float32), np.eye(4))
+    entries = []
+    for index in range(subjects):
+        nib.save(image, tmp_path / f"s{index}.nii.gz")
+        entries.append({"image": f"s{index}.nii.gz"})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser.update({"datalist": str(tmp_path / "datalist.json")})
+    assert parser.get_parsed_content("cache_rate") == expected
