@@ -35,6 +35,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "LAYOUTS",
@@ -196,7 +197,21 @@ def build_datalist(
     atlas_label: str | os.PathLike | None = None,
     test_pairs: str | None = None,
 ) -> dict:
-    """The datalist content (paths relative to ``output``'s folder) without writing it; see ``write_datalist``."""
+    """The datalist content (paths relative to ``output``'s folder), without writing it.
+
+    Args:
+        data_dir: folder of subjects.
+        output: the datalist file the paths will be relative to.
+        layout: ``generic``, ``neurite-oasis-3d`` or ``neurite-oasis-2d`` (defaults for the next three arguments).
+        image_glob: pattern of the image files relative to ``data_dir`` (``**`` allowed).
+        label_from, label_to: the label's file name is the image's with the last ``label_from`` replaced.
+        labels: False writes no labels at all.
+        require_labels: an image without its label file is an error (otherwise the subject has no label).
+        val, test: counts (int) or fractions in [0, 1) of the subjects; training gets the rest (at least 1).
+        seed: seed of the shuffle; the same files and seed give the same split.
+        atlas, atlas_label: optional atlas image/label files (excluded from the subjects if the glob matches them).
+        test_pairs: ``"ring"`` writes explicit test pairs, test subject i moving onto subject i + 1.
+    """
     if test_pairs not in (None, "none", "ring"):
         raise ValueError(f"unknown test_pairs '{test_pairs}'; expected 'ring' or None")
     if atlas_label is not None and atlas is None:
@@ -258,46 +273,17 @@ def _write_json_atomic(content: dict, output: str | os.PathLike) -> None:
         raise
 
 
-def write_datalist(
-    data_dir: str | os.PathLike,
-    output: str | os.PathLike | None = None,
-    layout: str = "generic",
-    image_glob: str | None = None,
-    label_from: str | None = None,
-    label_to: str | None = None,
-    labels: bool = True,
-    require_labels: bool = False,
-    val: int | float = 0,
-    test: int | float = 0,
-    seed: int = 0,
-    atlas: str | os.PathLike | None = None,
-    atlas_label: str | os.PathLike | None = None,
-    test_pairs: str | None = None,
-) -> str:
+def write_datalist(data_dir: str | os.PathLike, output: str | os.PathLike | None = None, **options: Any) -> str:
     """Find the subjects of ``data_dir``, split them and write the datalist JSON atomically; return its path.
 
-    Args:
-        data_dir: folder of subjects.
-        output: datalist file (default ``data_dir/datalist.json``); an existing folder means ``folder/datalist.json``.
-        layout: ``generic``, ``neurite-oasis-3d`` or ``neurite-oasis-2d`` (defaults for the next three arguments).
-        image_glob: pattern of the image files relative to ``data_dir`` (``**`` allowed).
-        label_from, label_to: the label's file name is the image's with the last ``label_from`` replaced.
-        labels: False writes no labels at all.
-        require_labels: an image without its label file is an error (otherwise the subject has no label).
-        val, test: counts (int) or fractions in [0, 1) of the subjects; training gets the rest (at least 1).
-        seed: seed of the shuffle; the same files and seed give the same split.
-        atlas, atlas_label: optional atlas image/label files (excluded from the subjects if the glob matches them).
-        test_pairs: ``"ring"`` writes explicit test pairs, test subject i moving onto subject i + 1.
+    ``output`` defaults to ``data_dir/datalist.json`` (an existing folder means ``folder/datalist.json``);
+    ``options`` are those of ``build_datalist``.
     """
     if output is None:
         output = Path(data_dir) / "datalist.json"
     if os.path.isdir(output):
         output = Path(output) / "datalist.json"
-    content = build_datalist(
-        data_dir, output, layout, image_glob, label_from, label_to, labels, require_labels,
-        val, test, seed, atlas, atlas_label, test_pairs,
-    )  # fmt: skip
-    _write_json_atomic(content, output)
+    _write_json_atomic(build_datalist(data_dir, output, **options), output)
     return str(output)
 
 
