@@ -14,28 +14,16 @@ from .fixed_grid import FixedFileGrid
 from .files import atomic_write_text, logger
 from .visualize import save_overview_png
 
-__all__ = ["RegistrationWriter", "save_nifti_atomic", "to_nifti_affine"]
+__all__ = ["RegistrationWriter", "save_nifti_atomic"]
 
 NIFTI_INTENT_VECTOR = 1007
-
-
-def to_nifti_affine(affine: np.ndarray) -> np.ndarray:
-    """4x4 NIfTI affine from MONAI's ``(spatial_dims + 1)``-square affine (2D images get a unit third axis)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape == (4, 4):
-        return affine
-    if affine.shape != (3, 3):
-        raise ValueError(f"unexpected affine shape {affine.shape}")
-    full = np.eye(4)
-    full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
-    return full
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str, intent: int | None = None) -> str:
     """Save via a temporary file in the target folder, then rename: no partial NIfTI is ever left at ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    image = nib.Nifti1Image(array, to_nifti_affine(affine))
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))  # the fixed file's own 4x4 affine
     if intent is not None:
         image.header.set_intent(intent)
     temporary = os.path.join(folder, f".tmp{os.getpid()}_{os.path.basename(path)}")
