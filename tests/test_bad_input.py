@@ -318,6 +318,7 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     """A checkpoint of the network inference.yaml builds (untrained: only loading has to work)."""
     parser = ConfigParser()
     parser.read_config(INFERENCE)
+    parser.update({"spatial_dims": 2})
     folder = tmp_path_factory.mktemp("models")
     torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
     return folder

@@ -12,6 +12,7 @@ import yaml
 from conftest import BUNDLE, CONFIGS, REPO
 from monai.bundle import ConfigParser
 
+SHIPPED_MODEL = BUNDLE / "models" / "model.pt"
 SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 
 
@@ -21,8 +22,31 @@ def _yaml(name: str) -> dict:
 
 def test_inference_config_builds_the_same_network_and_preprocessing_as_training():
     train, inference = _yaml("train.yaml"), _yaml("inference.yaml")
-    for key in ("backbones", "network_def", "preprocessing", "pixdim", "backbone_name", "integration_steps"):
+    for key in ("backbones", "network_def", "preprocessing", "backbone_name"):
         assert inference[key] == train[key], f"inference.yaml '{key}' differs from train.yaml"
+
+
+def _parsed(config_files: list[str], overrides: dict) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in config_files])
+    parser.update(overrides)
+    return parser
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, training_configs", [(2, ["train.yaml"]), (3, ["train.yaml", "brain3d.yaml"])]
+)
+def test_inference_runs_the_network_its_model_was_trained_as(spatial_dims, training_configs):
+    """2D: the default training's network; 3D: the shipped brain model's (brain3d.yaml), on 1 mm images."""
+    inference = _parsed(["inference.yaml"], {"spatial_dims": spatial_dims})
+    training = _parsed(training_configs, {"spatial_dims": spatial_dims})
+    inferred, trained = inference.get_parsed_content("network_def"), training.get_parsed_content("network_def")
+    shapes = {name: tuple(value.shape) for name, value in trained.state_dict().items()}
+    assert {name: tuple(value.shape) for name, value in inferred.state_dict().items()} == shapes
+    assert inferred.integration_steps == trained.integration_steps
+    # the velocity grid has the training voxel size: inference pixdim x downsample == training pixdim x downsample
+    inference_grid = inference.get_parsed_content("pixdim") * inferred.downsample
+    assert inference_grid == training.get_parsed_content("pixdim") * trained.downsample
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -54,7 +78,16 @@ def test_metadata_validates_against_the_model_zoo_schema(tmp_path):
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-3000:]
 
 
+def test_shipped_model_is_under_the_model_zoo_size_limit_and_loads():
+    assert SHIPPED_MODEL.is_file(), f"the shipped 3D brain model is missing: {SHIPPED_MODEL}"
+    assert SHIPPED_MODEL.stat().st_size < 25 * 1024 * 1024
+    network = _parsed(["inference.yaml"], {}).get_parsed_content("network_def")
+    network.load_state_dict(torch.load(SHIPPED_MODEL, weights_only=True))
+    assert network.spatial_dims == 3 and network.downsample == 2
+
+
 def test_verify_net_in_out_and_traced_export(tmp_path):
+    """Model Zoo checks on the shipped 3D model: network_data_format in/out, TorchScript export (traced)."""
     result = _cli(
         "verify_net_in_out",
         "network_def",
@@ -70,6 +103,7 @@ def test_verify_net_in_out_and_traced_export(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
     network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(SHIPPED_MODEL, weights_only=True))  # the shipped weights, strictly
     checkpoint = tmp_path / "model.pt"
     torch.save(network.state_dict(), checkpoint)
     exported = tmp_path / "model.ts"
@@ -87,10 +121,10 @@ def test_verify_net_in_out_and_traced_export(tmp_path):
         "--use_trace",
         "True",
         "--input_shape",
-        "[1,2,64,64]",
+        "[1,2,64,64,64]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    x = torch.rand(1, 2, 64, 64)
+    x = torch.rand(1, 2, 64, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(exported))(x), network(x))
 

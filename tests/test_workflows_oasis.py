@@ -14,6 +14,7 @@ from conftest import CONFIGS, SHARED_DATA, check_ok, requires_shared_data, run_b
 TRAIN = str(CONFIGS / "train.yaml")
 EVALUATE = str(CONFIGS / "evaluate.yaml")
 INFERENCE = str(CONFIGS / "inference.yaml")
+BRAIN3D = str(CONFIGS / "brain3d.yaml")
 
 
 def _write_datalist(folder, data, with_atlas: bool) -> str:
@@ -64,7 +65,7 @@ def test_oasis2d_atlas_mode_train_evaluate_infer(tmp_path):
     assert validation["summary"]["pairs"] == 4  # two subjects, both directions to and from the atlas
     assert {p["fixed"] for p in validation["pairs"]} == {"atlas_image", "subject_a_image", "subject_b_image"}
 
-    check_ok(run_bundle("evaluating", [TRAIN, EVALUATE], common))
+    check_ok(run_bundle("evaluating", [TRAIN, BRAIN3D, EVALUATE], common))
     report = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert report["summary"]["pairs"] == 1  # the explicit test pair
     assert report["pairs"][0]["moving"] == "subject_b_image" and report["pairs"][0]["fixed"] == "subject_a_image"
@@ -104,7 +105,7 @@ def test_oasis3d_train_evaluate_then_infer_at_full_resolution(tmp_path):
     check_ok(
         run_bundle(
             "training",
-            [TRAIN],
+            [TRAIN, BRAIN3D],  # the shipped brain model's network, so inference.yaml's 3D network fits it
             {
                 **common,
                 "max_epochs": 1,
@@ -115,7 +116,7 @@ def test_oasis3d_train_evaluate_then_infer_at_full_resolution(tmp_path):
             },
         )
     )
-    check_ok(run_bundle("evaluating", [TRAIN, EVALUATE], common))
+    check_ok(run_bundle("evaluating", [TRAIN, BRAIN3D, EVALUATE], common))
     report = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     pair = report["pairs"][0]
     wanted = set(json.loads(eval_labels.read_text())["labels"])

@@ -65,8 +65,9 @@ class CheckpointFileLoader:
     """Loads a state dict into ``network`` when the engine starts, failing with the path when it is missing or
     unreadable (MONAI's ``CheckpointLoader`` surfaces a bare ``torch.load`` error deep in the run)."""
 
-    def __init__(self, load_path: str, network, strict: bool = True) -> None:
+    def __init__(self, load_path: str, network, strict: bool = True, missing_hint: str = "") -> None:
         self.load_path, self.network, self.strict = load_path, network, strict
+        self.missing_hint = missing_hint or "train first, or pass --ckpt_path"
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
@@ -75,7 +76,7 @@ class CheckpointFileLoader:
         import torch
 
         if not os.path.isfile(self.load_path):
-            raise FileNotFoundError(f"checkpoint not found: {self.load_path} (train first, or pass --ckpt_path)")
+            raise FileNotFoundError(f"checkpoint not found: {self.load_path} ({self.missing_hint})")
         try:
             state = torch.load(self.load_path, map_location=engine.state.device, weights_only=True)
         except Exception as error:  # torch raises several types for truncated or foreign files
@@ -85,6 +86,6 @@ class CheckpointFileLoader:
             network.load_state_dict(state, strict=self.strict)
         except RuntimeError as error:
             raise ValueError(
-                f"checkpoint {self.load_path} does not fit this network (check spatial_dims, backbone_name): {error}"
+                f"checkpoint {self.load_path} does not fit this network (check spatial_dims, backbone_name, unet_channels, unet_out_channels, final_conv_channels: the model's training config): {error}"
             ) from error
         logger.info("loaded checkpoint %s", self.load_path)

@@ -6,10 +6,13 @@ expect, which MONAI's ``VoxelMorph`` (two inputs, returns ``(warped, ddf)``) doe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF
 from torch import nn
+
+from .integrate import integrate_velocity
 
 __all__ = ["RegistrationNet"]
 
@@ -17,8 +20,14 @@ __all__ = ["RegistrationNet"]
 class RegistrationNet(nn.Module):
     """Backbone -> stationary velocity ``v`` -> ``φ = exp(v)`` by scaling and squaring -> DDF.
 
+    With ``downsample = s > 1`` the backbone sees both images averaged over ``s^d`` blocks and ``v`` lives and is
+    integrated on that coarse grid; the DDF is upsampled (linear) and scaled by ``s`` onto the input grid
+    (VoxelMorph's ``int_downsize``, applied to the whole network): a 1 mm brain then costs what a 2 mm one does, and
+    weights trained on ``s`` mm images run unchanged on 1 mm ones. ``velocity`` and ``field_to_ddf`` expose the two
+    halves, so test-time refinement can optimise ``v`` itself and keep ``φ`` diffeomorphic.
+
     With ``integration_steps = n > 0``, ``v`` is scaled by ``2**-n`` and composed with itself ``n`` times
-    (``DVF2DDF``), which keeps ``φ`` smooth and invertible in the continuum; ``n = 0`` treats the backbone output as
+    (as MONAI's ``DVF2DDF``, composed in ``grid_sample`` units: ``scripts.integrate``), which keeps ``φ`` smooth and invertible in the continuum; ``n = 0`` treats the backbone output as
     a plain displacement. Inputs are zero-padded so every resolution level divides, and the field is cropped back.
 
     Args:
@@ -27,6 +36,7 @@ class RegistrationNet(nn.Module):
         spatial_dims: 2 or 3.
         integration_steps: scaling-and-squaring steps (VoxelMorph's default 7); 0 for no integration.
         divisor: every spatial size is padded up to a multiple of this (2 ** number of downsamplings).
+        downsample: integer factor ``s`` between the input grid and the velocity's grid (1: same grid).
         flow_init_std: standard deviation for re-initialising the last convolution (the flow head), so training
             starts near the identity as in the reference VoxelMorph; None keeps the backbone's own init.
 
@@ -41,17 +51,20 @@ class RegistrationNet(nn.Module):
         integration_steps: int = 7,
         divisor: int = 16,
         flow_init_std: float | None = 1e-5,
+        downsample: int = 1,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if integration_steps < 0:
             raise ValueError(f"integration_steps must be >= 0, got {integration_steps}")
+        if int(downsample) < 1:
+            raise ValueError(f"downsample must be a positive integer, got {downsample}")
+        self.downsample = int(downsample)
         self.backbone = backbone
         self.spatial_dims = spatial_dims
         self.integration_steps = integration_steps
         self.divisor = divisor
-        self.integrate = DVF2DDF(num_steps=integration_steps) if integration_steps > 0 else nn.Identity()
         if flow_init_std is not None:
             self._init_flow_head(flow_init_std)
 
@@ -64,8 +77,16 @@ class RegistrationNet(nn.Module):
             nn.init.zeros_(heads[-1].bias)
 
     def forward(self, moving_fixed: torch.Tensor) -> torch.Tensor:
-        # Plain tensor ops only, so `monai.bundle ckpt_export --use_trace True` can trace it (MONAI's Warp inside
-        # DVF2DDF cannot be scripted, so a traced model.ts is fixed to the input shape it was traced with).
+        # Plain tensor ops only, so `monai.bundle ckpt_export --use_trace True` can trace it (the integration cannot
+        # be scripted, so a traced model.ts is fixed to the input shape it was traced with).
+        return self.field_to_ddf(self.velocity(moving_fixed), moving_fixed.shape[2:])
+
+    def coarse_shape(self, spatial: Sequence[int]) -> list[int]:
+        """Shape of the velocity grid for an input of shape ``spatial``: ``ceil(n / s)`` per axis."""
+        return [-(-int(n) // self.downsample) for n in spatial]
+
+    def velocity(self, moving_fixed: torch.Tensor) -> torch.Tensor:
+        """``(B, 2, *spatial)`` -> the backbone's field ``(B, d, *coarse_shape(spatial))``, before integration."""
         if moving_fixed.dim() != self.spatial_dims + 2 or moving_fixed.shape[1] != 2:
             raise ValueError(
                 "expected cat(moving, fixed) of shape (B, 2, *spatial) with "
@@ -74,12 +95,29 @@ class RegistrationNet(nn.Module):
                 + str(list(moving_fixed.shape))
             )
         spatial = moving_fixed.shape[2:]
+        multiple = self.divisor * self.downsample
         padding: list[int] = []  # F.pad lists the last axis first, (before, after) per axis
         for axis in range(len(spatial) - 1, -1, -1):
-            padding += [0, (self.divisor - spatial[axis] % self.divisor) % self.divisor]
-        field = self.backbone(F.pad(moving_fixed, padding))
+            padding += [0, (multiple - spatial[axis] % multiple) % multiple]
+        inputs = F.pad(moving_fixed, padding)
+        if self.downsample > 1:
+            pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
+            inputs = pool(inputs, self.downsample)
+        field = self.backbone(inputs)
         if field.shape[1] != self.spatial_dims:
             raise ValueError("backbone returned " + str(field.shape[1]) + " channels, expected spatial_dims")
-        for axis in range(len(spatial)):
-            field = field.narrow(axis + 2, 0, spatial[axis])
-        return self.integrate(field)
+        for axis, size in enumerate(self.coarse_shape(spatial)):
+            field = field.narrow(axis + 2, 0, size)
+        return field
+
+    def field_to_ddf(self, field: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """Integrate the coarse field (scaling and squaring) and bring the DDF onto the input grid ``spatial``:
+        ``(B, d, *coarse)`` -> ``(B, d, *spatial)``, displacements in input voxels."""
+        ddf = integrate_velocity(field, self.integration_steps)
+        if self.downsample > 1:
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            size = [n * self.downsample for n in field.shape[2:]]
+            ddf = F.interpolate(ddf, size=size, mode=mode, align_corners=False) * float(self.downsample)
+            for axis in range(len(spatial)):
+                ddf = ddf.narrow(axis + 2, 0, int(spatial[axis]))
+        return ddf

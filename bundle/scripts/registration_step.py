@@ -122,6 +122,10 @@ class RegistrationTrainStep:
         return output
 
 
+def _plain(image: torch.Tensor) -> torch.Tensor:
+    return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
 def _spacing(image: torch.Tensor) -> list[float] | None:
     pixdim = getattr(image, "pixdim", None)
     return None if pixdim is None else [float(p) for p in torch.as_tensor(pixdim).flatten()]
@@ -134,29 +138,45 @@ class RegistrationEvalStep:
     ``identity``, per-structure Dice and HD95, mean Dice, and (registered) folding fraction, std log|J| (textbook and
     Learn2Reg) and seconds per pair (network + warp).
 
+    With a ``refiner`` (``scripts.refine.VelocityRefiner``), the network's velocity is optimised for each pair before
+    it is integrated (test-time refinement); ``records`` then also hold the refinement's per-level losses and times,
+    and ``seconds`` covers network + refinement + warp (``seconds_network`` the network alone).
+
     Args:
         label_ids: ids to score (list, JSON file with ``labels``, or None for every id present in both images).
         compute_hd95: HD95 costs distance transforms; switch off for quick validation.
+        refiner: optional test-time refinement; needs a network with ``velocity``/``field_to_ddf``
+            (``scripts.network.RegistrationNet``).
     """
 
-    def __init__(self, label_ids: Sequence[int] | str | None = None, compute_hd95: bool = True) -> None:
+    def __init__(
+        self, label_ids: Sequence[int] | str | None = None, compute_hd95: bool = True, refiner=None
+    ) -> None:
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
+        self.refiner = refiner if refiner is not None and refiner.enabled else None
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
         self.warp_label = Warp(mode="nearest", padding_mode="zeros")
 
     def __call__(self, engine, batch: Mapping) -> dict:
         device = engine.state.device
-        fixed = batch["fixed_image"].to(device)
-        moving = batch["moving_image"].to(device)
+        # Plain tensors: MetaTensor bookkeeping on every operation would slow refinement several-fold.
+        fixed = _plain(batch["fixed_image"]).to(device)
+        moving = _plain(batch["moving_image"]).to(device)
         engine.network.eval()
+        refinements: list[dict] = []
         with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
             start = time.perf_counter()
-            ddf = engine.network(torch.cat([moving, fixed], dim=1)).float()
+            if self.refiner is None:
+                ddf = engine.network(torch.cat([moving, fixed], dim=1)).float()
+                network_seconds = time.perf_counter() - start
+            else:
+                ddf, network_seconds = self._refined_ddf(engine.network, moving, fixed, refinements)
             warped = self.warp_image(moving, ddf)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = (time.perf_counter() - start) / fixed.shape[0]
+            network_seconds /= fixed.shape[0]
             warped_label = None
             if "moving_label" in batch:
                 warped_label = self.warp_label(batch["moving_label"].to(device).float(), ddf)
@@ -167,7 +187,29 @@ class RegistrationEvalStep:
         if "fixed_label" in batch:
             output["fixed_label"] = batch["fixed_label"]
         output["records"] = [self._score(batch, output, i, seconds) for i in range(fixed.shape[0])]
+        for i, record in enumerate(output["records"]):
+            record["seconds_network"] = network_seconds
+            if refinements:
+                record["refinement"] = refinements[i]
         return output
+
+    def _refined_ddf(
+        self, network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reports: list[dict]
+    ) -> tuple[torch.Tensor, float]:
+        """Network velocity -> per-pair refinement -> DDF; appends one refinement report per pair."""
+        network = getattr(network, "module", network)  # unwrap DistributedDataParallel
+        if not hasattr(network, "velocity"):
+            raise TypeError(f"test-time refinement needs a network with velocity/field_to_ddf, got {type(network)}")
+        start = time.perf_counter()
+        fields = network.velocity(torch.cat([moving, fixed], dim=1)).float()
+        network_seconds = time.perf_counter() - start
+        refined = []
+        with torch.autocast(device_type=moving.device.type, enabled=False):
+            for i in range(fields.shape[0]):
+                field, report = self.refiner(fields[i : i + 1], moving[i : i + 1], fixed[i : i + 1], network.downsample)
+                refined.append(field)
+                reports.append(report)
+        return network.field_to_ddf(torch.cat(refined), moving.shape[2:]).float(), network_seconds
 
     def _score(self, batch: Mapping, output: Mapping, i: int, seconds: float) -> dict:
         record = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -43,14 +45,21 @@ class RegistrationWriter:
     ``warped_image.nii.gz`` (float32), ``warped_label.nii.gz`` (int16, nearest; when a moving label is given),
     ``ddf.nii.gz`` (displacement in voxels of the fixed file's grid, NIfTI vector layout ``(X, Y, Z, 1, dims)``,
     component ``i`` along array axis ``i``: MONAI's ``Warp`` convention, ``warped(x) = moving(x + u(x))``),
-    ``overview.png`` (network grid) and ``metrics.json``.
+    ``overview.png`` (network grid) and ``metrics.json``, whose ``seconds_load_to_write`` is the registration time
+    a user waits for: from the engine's start (after the checkpoint is loaded) through reading the images,
+    registering and writing the NIfTI outputs (Python start-up and config parsing are not counted).
     """
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
+        self._clock = time.perf_counter()
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start_clock)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start_clock(self, engine: Engine) -> None:
+        self._clock = time.perf_counter()
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -68,28 +77,48 @@ class RegistrationWriter:
             )
             warped = output["warped_image"][i, 0].float().cpu().numpy()
             ddf = output["ddf"][i].float().cpu().numpy()
-            save_nifti_atomic(
-                grid.image(warped).astype(np.float32), grid.file_affine, os.path.join(folder, "warped_image.nii.gz")
-            )
-            save_nifti_atomic(
-                grid.ddf(ddf), grid.file_affine, os.path.join(folder, "ddf.nii.gz"), intent=NIFTI_INTENT_VECTOR
-            )
-            if "warped_label" in output:
-                label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
-                save_nifti_atomic(label, grid.file_affine, os.path.join(folder, "warped_label.nii.gz"))
-            save_overview_png(
-                os.path.join(folder, "overview.png"),
-                output["fixed_image"][i, 0].float().cpu().numpy(),
-                output["moving_image"][i, 0].float().cpu().numpy(),
-                warped,
-                ddf,
-            )
+            # gzip releases the GIL: the NIfTI files and the figure are written side by side (3D: ~2x faster).
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                jobs = [
+                    pool.submit(
+                        save_nifti_atomic,
+                        grid.image(warped).astype(np.float32),
+                        grid.file_affine,
+                        os.path.join(folder, "warped_image.nii.gz"),
+                    ),
+                    pool.submit(
+                        save_nifti_atomic,
+                        grid.ddf(ddf),
+                        grid.file_affine,
+                        os.path.join(folder, "ddf.nii.gz"),
+                        NIFTI_INTENT_VECTOR,
+                    ),
+                ]
+                if "warped_label" in output:
+                    label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
+                    jobs.append(
+                        pool.submit(
+                            save_nifti_atomic, label, grid.file_affine, os.path.join(folder, "warped_label.nii.gz")
+                        )
+                    )
+                save_overview_png(
+                    os.path.join(folder, "overview.png"),
+                    output["fixed_image"][i, 0].float().cpu().numpy(),
+                    output["moving_image"][i, 0].float().cpu().numpy(),
+                    warped,
+                    ddf,
+                )
+                for job in jobs:
+                    job.result()  # re-raises a failed write
+            record["seconds_load_to_write"] = time.perf_counter() - self._clock
+            self._clock = time.perf_counter()
             atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(record, indent=1))
             logger.info(
-                "registered %s -> %s in %.3f s; outputs in %s%s",
+                "registered %s -> %s in %.2f s (%.2f s from reading to writing); outputs in %s%s",
                 record["moving"],
                 record["fixed"],
                 record["seconds"],
+                record["seconds_load_to_write"],
                 folder,
                 "" if grid.identical else " (resampled onto the fixed file's grid)",
             )

@@ -1,0 +1,161 @@
+"""Test-time refinement (instance optimisation) of the network's velocity field for one pair.
+
+The network's guess ``v₀`` is a good start, but one forward pass cannot fit a particular pair's details. Here ``v``
+(on the network's coarse grid) is optimised for this pair alone with the training objective,
+``LNCC(m ∘ exp(v), f) + λ · BendingEnergy(exp(v))``, by Adam, coarse to fine: at level ``L`` both images are averaged
+over ``L^d`` blocks and ``v`` is resampled onto that grid before it is integrated, so the coarse levels are cheap
+and do most iterations. ``v`` stays a stationary velocity integrated by scaling and squaring, so the result stays
+diffeomorphic (no folding beyond discretisation) however long it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import BendingEnergyLoss
+
+from .integrate import identity_grid, integrate_velocity, warp
+from .losses import BoxLNCCLoss
+
+__all__ = ["VelocityRefiner", "downsample_image"]
+
+
+def downsample_image(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(B, C, *spatial)`` -> block averages over ``factor^d`` voxels (zero-padded up to a multiple)."""
+    if factor == 1:
+        return image
+    padding: list[int] = []
+    for size in reversed(image.shape[2:]):
+        padding += [0, (factor - size % factor) % factor]
+    pool = F.avg_pool2d if image.dim() == 4 else F.avg_pool3d
+    return pool(F.pad(image, padding), factor)
+
+
+def _resize_field(field: torch.Tensor, shape: Sequence[int], scale: float) -> torch.Tensor:
+    """Resample a displacement/velocity field onto a grid of ``shape`` and rescale its voxel units by ``scale``."""
+    if list(field.shape[2:]) == list(shape):
+        return field * scale if scale != 1 else field
+    mode = "bilinear" if field.dim() == 4 else "trilinear"
+    return F.interpolate(field, size=list(shape), mode=mode, align_corners=False) * scale
+
+
+class VelocityRefiner:
+    """Optimise a velocity field ``v`` for one pair, coarse to fine.
+
+    Args:
+        levels: downsampling factors of the images at each level, coarse to fine (e.g. ``(4, 2)``: quarter then half
+            resolution); a level finer than the velocity's own grid resamples ``v`` up to it (costly in 3D).
+        iterations: Adam iterations per level; all zero (``--refine_iterations 0``) leaves ``v`` as it is.
+        learning_rate: Adam step, in voxels of the velocity grid.
+        kernel_size: LNCC window, in voxels of each level's grid.
+        regularization_weight: ``λ`` of the bending energy of the level's displacement field.
+        integration_steps: scaling-and-squaring steps (the network's own count).
+
+    ``__call__(field, moving, fixed, field_factor)``: ``field`` ``(1, d, *coarse)`` is ``v₀`` on a grid ``field_factor``
+    times coarser than ``moving``/``fixed`` ``(1, 1, *spatial)``. Returns the refined field (same shape) and a report
+    ``{"levels": [{"factor", "iterations", "loss_start", "loss_end", "similarity_end", "seconds"}], "seconds"}``.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[int] = (4, 2),
+        iterations: Sequence[int] | int = (40, 15),
+        learning_rate: float = 0.1,
+        kernel_size: int = 5,
+        regularization_weight: float = 1.0,
+        integration_steps: int = 5,
+    ) -> None:
+        levels = [int(level) for level in levels]
+        if isinstance(iterations, int):
+            iterations = [iterations] * len(levels)
+        iterations = [int(n) for n in iterations]
+        if len(iterations) != len(levels):
+            raise ValueError(f"refine_iterations {iterations} needs one count per level {levels}")
+        if any(level < 1 for level in levels) or any(n < 0 for n in iterations):
+            raise ValueError(f"refinement levels must be >= 1 and iterations >= 0, got {levels}, {iterations}")
+        self.levels, self.iterations = levels, iterations
+        self.learning_rate, self.regularization_weight = float(learning_rate), float(regularization_weight)
+        self.integration_steps = int(integration_steps)
+        self.kernel_size = int(kernel_size)
+        self.regularization = BendingEnergyLoss()
+
+    @property
+    def enabled(self) -> bool:
+        return sum(self.iterations) > 0
+
+    def level_loss(
+        self,
+        field: torch.Tensor,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        field_factor: int,
+        factor: int,
+        grid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, similarity)`` of ``field`` evaluated on the grid of level ``factor`` (``grid``: its identity).
+
+        Coarser than the field (``factor > field_factor``): ``v`` is resampled onto the level's grid and integrated
+        there (cheap). Otherwise ``v`` is integrated on its own grid, as the network does, and the displacement is
+        upsampled to the level's grid, so the final level optimises exactly the DDF that is returned.
+        """
+        grid = identity_grid(fixed.shape[2:], fixed.device) if grid is None else grid
+        if factor >= field_factor:
+            velocity = _resize_field(field, fixed.shape[2:], field_factor / factor)
+            ddf = integrate_velocity(velocity, self.integration_steps, grid)
+            regularization = self.regularization(ddf)
+        else:
+            coarse = integrate_velocity(field, self.integration_steps)
+            regularization = self.regularization(coarse)
+            ratio = field_factor / factor
+            ddf = _resize_field(coarse, [round(n * ratio) for n in coarse.shape[2:]], ratio)
+        for axis, size in enumerate(fixed.shape[2:]):
+            ddf = ddf.narrow(axis + 2, 0, size)
+        sim = BoxLNCCLoss(fixed.dim() - 2, self.kernel_size)(warp(moving, ddf, grid=grid), fixed)
+        return sim + self.regularization_weight * regularization, sim
+
+    def __call__(
+        self, field: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, field_factor: int = 1
+    ) -> tuple[torch.Tensor, dict]:
+        start = time.perf_counter()
+        report: dict = {"levels": []}
+        field = field.detach().float().clone()
+        if not self.enabled:
+            report["seconds"] = 0.0
+            return field, report
+        parameter = torch.nn.Parameter(field)
+        optimizer = torch.optim.Adam([parameter], lr=self.learning_rate)
+        with torch.enable_grad():
+            for factor, count in zip(self.levels, self.iterations):
+                if count == 0:
+                    continue
+                level_start = time.perf_counter()
+                moving_level = downsample_image(moving.float(), factor)
+                fixed_level = downsample_image(fixed.float(), factor)
+                grid = identity_grid(fixed_level.shape[2:], fixed_level.device)
+                history = []
+                for _ in range(count):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, sim = self.level_loss(parameter, moving_level, fixed_level, field_factor, factor, grid)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"test-time refinement: non-finite loss at level {factor}")
+                    loss.backward()
+                    optimizer.step()
+                    history.append((loss.item(), sim.item()))
+                with torch.no_grad():
+                    loss, sim = self.level_loss(parameter, moving_level, fixed_level, field_factor, factor, grid)
+                report["levels"].append(
+                    {
+                        "factor": factor,
+                        "iterations": count,
+                        "loss_start": history[0][0],
+                        "loss_end": float(loss),
+                        "similarity_start": history[0][1],
+                        "similarity_end": float(sim),
+                        "seconds": time.perf_counter() - level_start,
+                    }
+                )
+        report["seconds"] = time.perf_counter() - start
+        return parameter.detach(), report

@@ -1,0 +1,182 @@
+"""The benchmark's scoring and its ITK (LPS mm) -> fixed-voxel field conversion, on a small synthetic volume.
+
+The grid is deliberately awkward (axes permuted, one flipped, anisotropic, shifted), so a sign flip, a missed
+LPS/RAS flip or swapped axes all move the label and break Dice = 1. Expected voxel displacements are worked out by
+hand from the affine, not with the formula under test. ANTs / Greedy parts run only where those packages are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("oasis_benchmark", REPO / "benchmarks" / "oasis_benchmark.py")
+benchmark = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = benchmark  # dataclasses look their module up while the file executes
+spec.loader.exec_module(benchmark)
+
+# array axis 0 -> anterior (+y RAS) at 1.2 mm, axis 1 -> left (-x RAS) at 1.5 mm, axis 2 -> superior (+z) at 2 mm
+AFFINE = np.array([[0.0, -1.5, 0.0, 40.0], [1.2, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (20, 22, 18)
+# LPS mm: 3 mm to the left, 2.4 mm to the posterior, 4 mm to the superior ...
+D_LPS = np.array([3.0, 2.4, 4.0])
+# ... is, along the array axes: 2.4 mm posterior = -2 voxels of axis 0 (anterior, 1.2 mm); 3 mm left = +2 voxels of
+# axis 1 (left, 1.5 mm); 4 mm superior = +2 voxels of axis 2 (superior, 2 mm).
+U_VOXELS = np.array([-2.0, 2.0, 2.0])
+LABEL_IDS = [1, 2, 3]
+
+
+def _labels() -> tuple[np.ndarray, np.ndarray]:
+    """A moving label map and the fixed one it becomes under ``warped(x) = moving(x + U_VOXELS)``."""
+    moving = np.zeros(SHAPE, dtype=np.int32)
+    moving[4:12, 3:9, 4:10] = 1
+    moving[9:15, 10:16, 6:12] = 2
+    moving[5:9, 12:18, 3:7] = 3
+    fixed = np.zeros_like(moving)
+    shift = U_VOXELS.astype(int)
+    source = tuple(slice(max(s, 0), n + min(s, 0)) for s, n in zip(shift, SHAPE))
+    target = tuple(slice(max(-s, 0), n + min(-s, 0)) for s, n in zip(shift, SHAPE))
+    fixed[target] = moving[source]  # fixed(x) = moving(x + shift)
+    return moving, fixed
+
+
+def _constant_field(vector: np.ndarray) -> np.ndarray:
+    """ITK's NIfTI layout of a displacement field: ``(X, Y, Z, 1, 3)``."""
+    return np.broadcast_to(np.asarray(vector, dtype=np.float32), SHAPE + (1, 3)).copy()
+
+
+def test_lps_field_converts_to_hand_computed_voxel_displacement():
+    ddf = benchmark.itk_displacement_to_voxels(_constant_field(D_LPS), AFFINE)
+    assert ddf.shape == (3,) + SHAPE
+    np.testing.assert_allclose(ddf[:, 3, 4, 5], U_VOXELS, atol=1e-5)
+    # a field already in RAS (NIfTI DISPVECT) skips the flip
+    ras = benchmark.itk_displacement_to_voxels(_constant_field(D_LPS * [-1, -1, 1]), AFFINE, frame="RAS")
+    np.testing.assert_allclose(ras[:, 0, 0, 0], U_VOXELS, atol=1e-5)
+
+
+def test_known_translation_scores_perfectly_and_wrong_conventions_do_not():
+    moving, fixed = _labels()
+    identity = benchmark.score(fixed, moving, np.zeros((3,) + SHAPE, np.float32), LABEL_IDS)
+    assert identity["mean_dice"] < 0.6
+
+    ddf = benchmark.itk_displacement_to_voxels(_constant_field(D_LPS), AFFINE)
+    warped = benchmark.warp_label(moving, ddf, AFFINE, AFFINE)
+    result = benchmark.score(fixed, warped, ddf, LABEL_IDS)
+    assert result["dice"] == {"1": 1.0, "2": 1.0, "3": 1.0}
+    assert result["mean_dice"] == 1.0
+    assert result["folded_percent"] == 0.0 and result["std_log_jacobian"] == pytest.approx(0.0, abs=1e-6)
+
+    wrong = {
+        "sign": benchmark.itk_displacement_to_voxels(_constant_field(-D_LPS), AFFINE),
+        "no LPS->RAS flip": benchmark.itk_displacement_to_voxels(_constant_field(D_LPS), AFFINE, frame="RAS"),
+        "axes reversed": ddf[::-1].copy(),
+    }
+    for name, field in wrong.items():
+        dice = benchmark.score(fixed, benchmark.warp_label(moving, field, AFFINE, AFFINE), field, LABEL_IDS)
+        assert dice["mean_dice"] < 0.6, name
+
+    # the same physical warp when the moving label lies on another grid (here one voxel shifted along axis 1)
+    moving_affine = AFFINE.copy()
+    moving_affine[:3, 3] += AFFINE[:3, 1]
+    shifted = np.zeros_like(moving)
+    shifted[:, :-1] = moving[:, 1:]
+    assert benchmark.score(fixed, benchmark.warp_label(shifted, ddf, AFFINE, moving_affine), ddf, LABEL_IDS)[
+        "mean_dice"
+    ] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_folding_is_reported_in_percent():
+    ddf = np.zeros((3,) + SHAPE, np.float32)
+    ddf[0] = -2.0 * np.arange(SHAPE[0], dtype=np.float32)[:, None, None]  # d(x + u)/dx = -1 everywhere
+    moving, fixed = _labels()
+    assert benchmark.score(fixed, fixed, ddf, LABEL_IDS)["folded_percent"] == pytest.approx(100.0)
+
+
+def test_warp_file_loader_checks_grid_and_reads_intent(tmp_path):
+    path = str(tmp_path / "warp.nii.gz")
+    image = nib.Nifti1Image(_constant_field(D_LPS), AFFINE)
+    image.header.set_intent(benchmark.NIFTI_INTENT_VECTOR)
+    nib.save(image, path)
+    np.testing.assert_allclose(benchmark.load_itk_displacement(path, AFFINE, SHAPE)[:, 1, 2, 3], U_VOXELS, atol=1e-5)
+    with pytest.raises(ValueError, match="warp.nii.gz"):
+        benchmark.load_itk_displacement(path, np.diag([1.0, 1.0, 1.0, 1.0]), SHAPE)
+    ras = nib.Nifti1Image(_constant_field(D_LPS * [-1, -1, 1]), AFFINE)
+    ras.header.set_intent(benchmark.NIFTI_INTENT_DISPVECT)
+    nib.save(ras, path)
+    np.testing.assert_allclose(benchmark.load_itk_displacement(path, AFFINE, SHAPE)[:, 0, 0, 0], U_VOXELS, atol=1e-5)
+
+
+def test_table_and_failed_method_entries():
+    table = benchmark.markdown_table(
+        "b_to_a",
+        {
+            "moving_name": "b.nii.gz",
+            "fixed_name": "a.nii.gz",
+            "label_ids": LABEL_IDS,
+            "methods": {
+                "identity": {
+                    "status": "ok",
+                    "mean_dice": 0.5,
+                    "folded_percent": 0.0,
+                    "std_log_jacobian": 0.0,
+                    "wall_s": 0.1,
+                    "cpu_s": 0.1,
+                },
+                "bundle-network": {"status": "failed", "error": "exit 1: KeyError: 'refine_iterations'"},
+            },
+        },
+        benchmark.METHODS,
+    )
+    assert "| identity | 0.500 | 0.000 | 0.000 | 0.1 | 0.1 |" in table
+    assert "| bundle-network | failed: exit 1: KeyError: 'refine_iterations' |" in table
+    assert "mean Dice (3 structures)" in table
+    # a failed bundle run is reported by its cause, not by MONAI's wrapper that quotes the config expression
+    log = (
+        "Traceback (most recent call last):\n  ...\nFileNotFoundError: checkpoint not found: /x/model.pt\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "RuntimeError: Failed to evaluate ConfigExpression: \n\"$__local_refs['infer::evaluator'].run()\"\n"
+    )
+    assert benchmark._last_error_line(log) == "FileNotFoundError: checkpoint not found: /x/model.pt"
+
+
+def _write_case(tmp_path) -> dict[str, str]:
+    """Fixed image, moving label and the constant LPS field as files, for the tools' own resamplers."""
+    moving, fixed = _labels()
+    files = {name: str(tmp_path / f"{name}.nii.gz") for name in ("fixed", "moving_label", "warp")}
+    nib.save(nib.Nifti1Image(fixed.astype(np.float32), AFFINE), files["fixed"])
+    nib.save(nib.Nifti1Image(moving.astype(np.int16), AFFINE), files["moving_label"])
+    warp = nib.Nifti1Image(_constant_field(D_LPS), AFFINE)
+    warp.header.set_intent(benchmark.NIFTI_INTENT_VECTOR)  # what ANTs and Greedy write
+    nib.save(warp, files["warp"])
+    return files
+
+
+def test_greedy_reads_the_field_as_the_benchmark_does(tmp_path):
+    greedy = pytest.importorskip("picsl_greedy", reason="picsl-greedy not installed (requirements-benchmark.txt)")
+    files = _write_case(tmp_path)
+    out = str(tmp_path / "greedy_nn.nii.gz")
+    greedy.Greedy3D().execute(
+        f"-d 3 -threads 1 -V 0 -rf {files['fixed']} -ri NN -rm {files['moving_label']} {out} -r {files['warp']}"
+    )
+    moving, fixed = _labels()
+    np.testing.assert_array_equal(benchmark.load_label(out)[0], fixed)
+
+
+def test_ants_reads_the_field_as_the_benchmark_does(tmp_path):
+    ants = pytest.importorskip("ants", reason="antspyx not installed (requirements-benchmark.txt)")
+    files = _write_case(tmp_path)
+    warped = ants.apply_transforms(
+        ants.image_read(files["fixed"]),
+        ants.image_read(files["moving_label"]),
+        [files["warp"]],
+        interpolator="nearestNeighbor",
+    )
+    out = str(tmp_path / "ants_nn.nii.gz")
+    ants.image_write(warped, out)
+    moving, fixed = _labels()
+    np.testing.assert_array_equal(benchmark.load_label(out)[0], fixed)

@@ -1,0 +1,111 @@
+"""Fast LNCC, grid_sample integration, the downsampling network and test-time refinement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.networks.blocks import DVF2DDF, Warp
+from monai.networks.nets import VoxelMorphUNet
+from scripts.integrate import integrate_velocity, warp
+from scripts.losses import BoxLNCCLoss
+from scripts.metrics import deformation_stats
+from scripts.network import RegistrationNet
+from scripts.refine import VelocityRefiner, downsample_image
+
+
+def _smooth_field(shape: tuple[int, ...], amplitude: float, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    field = torch.randn((1, len(shape)) + shape, generator=generator)
+    pool = F.avg_pool2d if len(shape) == 2 else F.avg_pool3d
+    for _ in range(3):
+        field = pool(field, 5, 1, 2)
+    return field / field.abs().max() * amplitude
+
+
+@pytest.mark.parametrize("shape, kernel", [((30, 41), 9), ((18, 20, 22), 5)])
+def test_box_lncc_equals_monai_lncc(shape, kernel):
+    generator = torch.Generator().manual_seed(1)
+    target = torch.rand((2, 1) + shape, generator=generator)
+    pred = target + 0.5 * torch.rand((2, 1) + shape, generator=generator)
+    expected = LocalNormalizedCrossCorrelationLoss(len(shape), kernel_size=kernel)(pred, target)
+    torch.testing.assert_close(BoxLNCCLoss(len(shape), kernel)(pred, target), expected, rtol=1e-4, atol=1e-5)
+    assert BoxLNCCLoss(len(shape), kernel)(target, target) < -0.99  # identical images: perfect correlation
+
+
+@pytest.mark.parametrize("shape", [(30, 41), (16, 20, 18)])
+def test_grid_sample_integration_and_warp_equal_monai(shape):
+    velocity = _smooth_field(shape, amplitude=4.0)
+    torch.testing.assert_close(integrate_velocity(velocity, 5), DVF2DDF(num_steps=5)(velocity), rtol=1e-4, atol=1e-4)
+    image = torch.rand((1, 1) + shape, generator=torch.Generator().manual_seed(2))
+    ddf = DVF2DDF(num_steps=5)(velocity)
+    torch.testing.assert_close(warp(image, ddf), Warp(mode="bilinear", padding_mode="border")(image, ddf))
+
+
+def test_downsampling_network_runs_its_backbone_on_block_averages():
+    backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+    network = RegistrationNet(backbone, 3, integration_steps=3, divisor=8, flow_init_std=0.1, downsample=2).eval()
+    x = torch.rand(1, 2, 34, 30, 20)
+    with torch.no_grad():
+        velocity = network.velocity(x)
+        assert velocity.shape == (1, 3, 17, 15, 10)
+        ddf = network(x)
+        assert ddf.shape == (1, 3, 34, 30, 20)
+        # the same weights on the averaged images at downsample 1 give the same velocity
+        network.downsample = 1
+        torch.testing.assert_close(network.velocity(F.avg_pool3d(x, 2)), velocity)
+        # the upsampled DDF is in input voxels: twice the coarse displacement
+        coarse = integrate_velocity(velocity, 3)
+        torch.testing.assert_close(ddf[:, :, 1::2, 1::2, 1::2].mean(), 2 * coarse.mean(), rtol=0.05, atol=1e-4)
+
+
+def _synthetic_pair(shape=(32, 36, 28)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A blob image and the same image under a known smooth diffeomorphism."""
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand((1, 1) + shape, generator=generator)
+    for _ in range(2):
+        image = F.avg_pool3d(image, 5, 1, 2)
+    image = (image - image.min()) / (image.max() - image.min())
+    moved = warp(image, integrate_velocity(_smooth_field(shape, amplitude=3.0, seed=4), 5))
+    return moved, image
+
+
+def test_refinement_lowers_the_loss_and_keeps_the_field_unfolded():
+    moving, fixed = _synthetic_pair()
+    refiner = VelocityRefiner(levels=(2, 1), iterations=(30, 15), learning_rate=0.1, kernel_size=5)
+    start = torch.zeros(1, 3, *fixed.shape[2:])
+    refined, report = refiner(start, moving, fixed, field_factor=1)
+    assert [level["factor"] for level in report["levels"]] == [2, 1]
+    before, _ = refiner.level_loss(start, moving, fixed, 1, 1)
+    after, _ = refiner.level_loss(refined, moving, fixed, 1, 1)
+    assert after < before - 0.05, (float(before), float(after))
+    for level in report["levels"]:
+        assert level["loss_end"] < level["loss_start"]
+    ddf = integrate_velocity(refined, 5)
+    assert deformation_stats(ddf[0].numpy())["folding_fraction"] == 0.0
+    # the registered image is closer to the fixed one than the moving image was
+    assert (warp(moving, ddf) - fixed).abs().mean() < 0.8 * (moving - fixed).abs().mean()
+
+
+def test_zero_iterations_leave_the_network_field_unchanged():
+    moving, fixed = _synthetic_pair((16, 16, 16))
+    field = _smooth_field((8, 8, 8), amplitude=1.0)
+    refiner = VelocityRefiner(levels=(4, 2), iterations=0)
+    assert not refiner.enabled
+    refined, report = refiner(field, moving, fixed, field_factor=2)
+    torch.testing.assert_close(refined, field)
+    assert report["levels"] == []
+
+
+def test_refinement_settings_are_checked():
+    with pytest.raises(ValueError, match="one count per level"):
+        VelocityRefiner(levels=(4, 2), iterations=(10,))
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        VelocityRefiner(levels=(0,), iterations=(10,))
+
+
+def test_downsample_image_averages_blocks():
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert downsample_image(image, 2)[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    assert downsample_image(torch.ones(1, 1, 5, 5, 5), 2).shape == (1, 1, 3, 3, 3)

@@ -1,0 +1,115 @@
+"""The shipped 3D brain model registers the real OASIS pair with no flag but the files (moving b -> fixed a).
+
+These are regression checks of the out-of-the-box path, not the benchmark: the figures of record come from
+``benchmarks/oasis_benchmark.py``. The thresholds sit well below the measured values and well above no registration.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import CONFIGS, SHARED_DATA, check_ok, requires_shared_data, run_bundle
+from scripts.metrics import dice_per_label, labels_to_score, resolve_label_ids
+
+INFERENCE = str(CONFIGS / "inference.yaml")
+DATA = SHARED_DATA / "oasis3d"
+
+
+def _register(tmp_path, **extra) -> dict:
+    """The README's command: fixed, moving, moving label, output folder (plus ``extra`` flags)."""
+    out = tmp_path / "out"
+    overrides = {
+        "fixed_image": DATA / "subject_a_image.nii.gz",
+        "moving_image": DATA / "subject_b_image.nii.gz",
+        "moving_label": DATA / "subject_b_label.nii.gz",
+        "output_dir": out,
+        **extra,
+    }
+    check_ok(run_bundle("inference", [INFERENCE], overrides))
+    fixed = nib.load(str(DATA / "subject_a_image.nii.gz"))
+    for name in ("warped_image", "warped_label", "ddf"):
+        written = nib.load(str(out / f"{name}.nii.gz"))
+        assert written.shape[:3] == fixed.shape and np.allclose(written.affine, fixed.affine, atol=1e-5), name
+    assert (out / "overview.png").stat().st_size > 0
+    record = json.loads((out / "metrics.json").read_text())
+    # scored here, from the written files, on the 30 structures of eval_labels.json
+    fixed_label = np.asarray(nib.load(str(DATA / "subject_a_label.nii.gz")).dataobj).astype(np.int32)
+    moving_label = np.asarray(nib.load(str(DATA / "subject_b_label.nii.gz")).dataobj).astype(np.int32)
+    warped_label = np.asarray(nib.load(str(out / "warped_label.nii.gz")).dataobj).astype(np.int32)
+    ids = labels_to_score(fixed_label, moving_label, resolve_label_ids(str(DATA / "eval_labels.json")))
+    record["test_identity_dice"] = float(np.mean(list(dice_per_label(fixed_label, moving_label, ids).values())))
+    record["test_registered_dice"] = float(np.mean(list(dice_per_label(fixed_label, warped_label, ids).values())))
+    return record
+
+
+@requires_shared_data
+def test_flag_free_3d_inference_refines_the_shipped_model(tmp_path):
+    """No fixed label (an unlabelled pair), no flag: the shipped model, then the default refinement."""
+    record = _register(tmp_path)
+    levels = record["refinement"]["levels"]
+    assert [level["factor"] for level in levels] == [4, 2]
+    assert all(level["loss_end"] < level["loss_start"] for level in levels)
+    assert record["test_registered_dice"] > record["test_identity_dice"] + 0.15, record["test_registered_dice"]
+    assert record["folding_fraction"] < 5e-4
+    assert record["seconds_load_to_write"] >= record["seconds"] > record["refinement"]["seconds"]
+
+
+@requires_shared_data
+def test_network_alone_with_refine_iterations_zero(tmp_path):
+    record = _register(
+        tmp_path,
+        refine_iterations=0,
+        fixed_label=DATA / "subject_a_label.nii.gz",
+        eval_label_ids=DATA / "eval_labels.json",
+    )
+    assert "refinement" not in record
+    assert record["registered_mean_dice"] == pytest.approx(record["test_registered_dice"])  # metrics.json agrees
+    assert record["test_registered_dice"] > record["test_identity_dice"] + 0.02, record["test_registered_dice"]
+    assert record["folding_fraction"] < 5e-4
+
+
+@requires_shared_data
+def test_2d_files_get_a_message_naming_the_model_to_train(tmp_path):
+    data = SHARED_DATA / "oasis2d"
+    overrides = {
+        "fixed_image": data / "subject_a_image.nii.gz",
+        "moving_image": data / "subject_b_image.nii.gz",
+        "ckpt_dir": tmp_path / "no_models_here",
+        "output_dir": tmp_path / "out",
+    }
+    process = run_bundle("inference", [INFERENCE], overrides)
+    assert process.returncode != 0
+    output = process.stdout + process.stderr
+    assert "checkpoint not found" in output and "train one with" in output, output[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file"])
+def test_missing_or_corrupt_weights_name_the_file(tmp_path, content):
+    fixed = tmp_path / "f.nii.gz"
+    image = nib.Nifti1Image(np.random.default_rng(0).random((24, 20, 16), dtype=np.float32), np.eye(4))
+    nib.save(image, str(fixed))
+    weights = tmp_path / "model.pt"
+    if content:
+        weights.write_bytes(content)
+    overrides = {"fixed_image": fixed, "moving_image": fixed, "ckpt_path": weights, "output_dir": tmp_path / "out"}
+    process = run_bundle("inference", [INFERENCE], overrides)
+    assert process.returncode != 0
+    output = process.stdout + process.stderr
+    assert f"checkpoint {'not found' if not content else ''}" in output and str(weights) in output, output[-3000:]
+
+
+def test_a_pair_too_large_for_memory_is_refused_with_the_need_and_the_way_out(tmp_path, monkeypatch):
+    from scripts import datalist
+
+    fixed = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 64), dtype=np.float32), np.diag([0.5, 0.5, 0.5, 1.0])), str(fixed))
+    needed = datalist.check_fits_in_memory(str(fixed), 1.0)
+    assert needed == pytest.approx(datalist.BASE_BYTES + datalist.BYTES_PER_VOXEL * 32**3)  # resampled to 1 mm
+    monkeypatch.setattr(datalist, "_available_bytes", lambda: datalist.BASE_BYTES + datalist.BYTES_PER_VOXEL * 32**3 / 2)
+    with pytest.raises(MemoryError, match=r"big.nii.gz \(--fixed_image\).*needs about .* GiB.*--pixdim 2"):
+        datalist.check_fits_in_memory(str(fixed), 1.0)
+    assert datalist.check_fits_in_memory(str(fixed), 2.0) < needed  # the way out the message names works
