@@ -1,20 +1,29 @@
 """Side-by-side registration benchmark: identity, this bundle (network alone / refined), ANTs SyN and Greedy.
 
     python benchmarks/oasis_benchmark.py [--methods identity,bundle-network,bundle-refined,ants-syn,greedy]
-        [--directions forward|reverse|both] [--reverse] [--data ../shared/data/oasis3d] [--datalist D.json]
+        [--directions forward|reverse|both] [--reverse] [--data ../shared/data/oasis3d|oasis2d] [--datalist D.json]
         [--threads 2] [--output_dir bundle/runs/benchmark] [--merge] [--bundle_ckpt PATH]
 
 Default pair: the real OASIS subjects at 1 mm, moving ``subject_b`` -> fixed ``subject_a`` ("b_to_a");
+``--data ../shared/data/oasis2d`` takes the same subjects' 2D slices instead (files ``X x Y x 1``, scored in 2D);
 ``--directions reverse`` runs a->b only, ``--directions both`` (or ``--reverse``) runs both. ``--datalist D.json``
 replaces the OASIS pair with ``{"pairs": [{"fixed", "moving", "fixed_label", "moving_label"[, "name"]}, ...]}``
 (relative paths are relative to the JSON file).
 
 Every method is scored by the same code, the bundle's ``scripts.metrics``: Dice per structure (the
-``eval_labels.json`` ids present in both label maps) between the fixed label and the method's own warped moving
+``eval_labels.json`` ids present in both label maps; ``DATA/eval_labels.json``, else the 3D folder's, which is what
+a 2D folder without one uses) between the fixed label and the method's own warped moving
 label, folded-voxel % and SD of log det J of its displacement field expressed in voxels of the fixed grid along the
 array axes (``warped(x) = moving(x + u(x))``). ANTs and Greedy write ITK displacement fields (physical LPS mm); they
 are converted with the fixed file's affine, and that conversion is checked on every run: warping the moving label
 with the converted field (nearest neighbour) must give nearly the Dice of the tool's own warped label.
+
+2D (a fixed file whose third axis has size 1): every field is ``(2, X, Y)``, Dice is on the 2D label maps, ANTs and
+Greedy (``Greedy2D``, ``-m NCC 2x2``) register true 2D copies of the slices (``dim[0] = 2``, the file's in-plane
+affine; ITK reads a ``X x Y x 1`` NIfTI as a 2D image with an identity direction, i.e. mirrored in x and y against
+the header) and their 2-component LPS fields are converted with the in-plane block of the fixed affine. The bundle
+ships no 2D model: pass ``--bundle_ckpt`` (a model trained with ``bundle/configs/train.yaml``), else the bundle
+methods fail with the bundle's own "checkpoint not found" message.
 
 Timing (wall and CPU seconds, CPU = this process + waited-for children): the bundle runs as the user would run it,
 ``python -m monai.bundle run inference`` in a subprocess, so its time includes interpreter/torch start-up and file
@@ -47,6 +56,7 @@ import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "oasis3d")
 sys.path.insert(0, str(REPO / "bundle"))
 
 from scripts.files import atomic_write_text  # noqa: E402
@@ -55,50 +65,93 @@ from scripts.metrics import deformation_stats, dice_per_label, labels_to_score, 
 METHODS = ("identity", "bundle-network", "bundle-refined", "ants-syn", "greedy")
 CLASSICAL_PACKAGES = {"ants-syn": ("ants", "antspyx"), "greedy": ("picsl_greedy", "picsl-greedy")}
 INSTALL_HINT = "pip install --no-deps -r requirements-benchmark.txt"
-GREEDY_SETTINGS = "-m NCC 2x2x2 -n 100x50x10"
+GREEDY_SETTINGS = {3: "-m NCC 2x2x2 -n 100x50x10", 2: "-m NCC 2x2 -n 100x50x10"}  # by spatial dims
 # NIfTI intent codes: ITK writes its displacement fields as VECTOR with the raw LPS components; since ITK 5.3 a
 # DISPVECT field is stored in RAS (ITK flips x and y on read and write).
 NIFTI_INTENT_DISPVECT, NIFTI_INTENT_VECTOR = 1006, 1007
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # 2D: its top-left 2 x 2 block
 # Mean-Dice gap (own nearest-neighbour warp vs the tool's warped label) above which the field convention is suspect:
 # interpolators differ (genericLabel, LABEL 0.2vox) by well under 0.01; a sign or axis error costs far more.
 CONVENTION_TOLERANCE = 0.02
+ANTS_TRANSFORM = re.compile(r"^ants_\d+(Warp\.nii\.gz|GenericAffine\.mat)$")  # what registration(outprefix) writes
 
 
 # ---------------------------------------------------------------------------------------------------------- fields
 
 
-def itk_displacement_to_voxels(field: np.ndarray, fixed_affine: np.ndarray, frame: str = "LPS") -> np.ndarray:
-    """Physical displacement field ``(X, Y, Z[, 1], 3)`` in mm -> ``(3, X, Y, Z)`` in voxels of the fixed grid.
+def grid_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial grid of an image: ``(X, Y)`` for a 2D slice (``X x Y`` or ``X x Y x 1``), else ``(X, Y, Z)``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2 or (len(shape) >= 3 and shape[2] == 1):
+        return shape[:2]
+    return shape[:3]
 
-    ITK (ANTs, Greedy) maps a fixed physical point ``p`` to ``p + d(p)`` in moving space with ``d`` in LPS mm; the
-    bundle's metrics want ``u`` in fixed-grid voxels along the array axes. With ``A`` the fixed file's nibabel
-    (RAS) affine, ``d_RAS = diag(-1, -1, 1) d_LPS`` and ``u = A[:3, :3]^-1 d_RAS`` (translation does not apply to a
-    displacement). ``frame="RAS"`` skips the flip, for fields already in RAS (NIfTI intent DISPVECT).
+
+def squeeze_to_grid(array: np.ndarray, shape: Sequence[int], what: str) -> np.ndarray:
+    """``array`` on the grid ``shape``, dropping trailing singleton axes (a 2D slice stored ``X x Y x 1``)."""
+    dims = len(shape)
+    if array.shape[:dims] != tuple(shape) or any(s != 1 for s in array.shape[dims:]):
+        raise ValueError(f"{what}: grid {array.shape} differs from the fixed grid {tuple(shape)}")
+    return array.reshape(tuple(shape))
+
+
+def spatial_affine(affine: np.ndarray, dims: int) -> np.ndarray:
+    """The homogeneous affine of the first ``dims`` array axes: the 4 x 4 itself in 3D, the in-plane 3 x 3
+    (rows/columns x, y and translation) in 2D, which is what ITK keeps when it reads a slice as a 2D image."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if dims == 3:
+        return affine
+    if dims != 2:
+        raise ValueError(f"spatial dims must be 2 or 3, got {dims}")
+    if not (np.allclose(affine[:2, 2], 0.0, atol=1e-6) and np.allclose(affine[2, :2], 0.0, atol=1e-6)):
+        raise ValueError(
+            "2D slice with an oblique affine (its third axis mixes with the in-plane ones): the in-plane 2D "
+            f"geometry ITK uses would differ from the file's:\n{affine}"
+        )
+    return affine[np.ix_([0, 1, 3], [0, 1, 3])]
+
+
+def itk_displacement_to_voxels(field: np.ndarray, fixed_affine: np.ndarray, frame: str = "LPS") -> np.ndarray:
+    """Physical displacement field in mm -> voxels of the fixed grid along the array axes.
+
+    3D: ``(X, Y, Z[, 1], 3)`` -> ``(3, X, Y, Z)``; 2D (2 components, as ITK writes a 2D field):
+    ``(X, Y[, 1, 1], 2)`` -> ``(2, X, Y)``. ITK (ANTs, Greedy) maps a fixed physical point ``p`` to ``p + d(p)`` in
+    moving space with ``d`` in LPS mm; the bundle's metrics want ``u`` in fixed-grid voxels along the array axes.
+    With ``A`` the fixed file's nibabel (RAS) affine, ``d_RAS = diag(-1, -1, 1) d_LPS`` and ``u = A[:3, :3]^-1
+    d_RAS`` (translation does not apply to a displacement); in 2D the in-plane blocks, ``diag(-1, -1)`` and
+    ``A[:2, :2]``. ``frame="RAS"`` skips the flip, for fields already in RAS (NIfTI intent DISPVECT).
     """
     vectors = np.asarray(field, dtype=np.float64)
-    if vectors.ndim == 5 and vectors.shape[3] == 1:
-        vectors = vectors[..., 0, :]
-    if vectors.ndim != 4 or vectors.shape[-1] != 3:
-        raise ValueError(f"expected a 3D displacement field (X, Y, Z[, 1], 3), got shape {np.shape(field)}")
+    dims = vectors.shape[-1] if vectors.ndim >= 3 else 0
+    spatial = list(vectors.shape[:-1])
+    while len(spatial) > dims and spatial[-1] == 1:
+        spatial.pop()
+    if dims not in (2, 3) or len(spatial) != dims:
+        raise ValueError(
+            f"expected a displacement field (X, Y, Z[, 1], 3) or (X, Y[, 1, 1], 2), got shape {np.shape(field)}"
+        )
+    vectors = vectors.reshape(tuple(spatial) + (dims,))
     if frame not in ("LPS", "RAS"):
         raise ValueError(f"frame must be 'LPS' or 'RAS', got {frame!r}")
-    ras = vectors @ LPS_TO_RAS.T if frame == "LPS" else vectors
-    to_voxels = np.linalg.inv(np.asarray(fixed_affine, dtype=np.float64)[:3, :3])
+    ras = vectors @ LPS_TO_RAS[:dims, :dims].T if frame == "LPS" else vectors
+    to_voxels = np.linalg.inv(spatial_affine(fixed_affine, dims)[:dims, :dims])
     return np.ascontiguousarray(np.einsum("ij,...j->i...", to_voxels, ras), dtype=np.float32)
 
 
 def load_itk_displacement(path: str, fixed_affine: np.ndarray, fixed_shape: Sequence[int]) -> np.ndarray:
-    """Read an ITK/ANTs/Greedy warp file written on the fixed grid and return it in fixed-grid voxels.
+    """Read an ITK/ANTs/Greedy warp file written on the fixed grid and return it in fixed-grid voxels,
+    ``(len(fixed_shape), *fixed_shape)``; a 2D field is ``(X, Y, 1, 1, 2)`` on file.
 
-    Refuses a field on another grid: the conversion assumes the field's voxels are the fixed file's voxels.
+    Refuses a field on another grid or in another frame (in 2D, the in-plane affine is compared): the conversion
+    assumes the field's voxels and physical axes are the fixed file's.
     """
     image = nib.load(path)
-    if tuple(image.shape[:3]) != tuple(fixed_shape):
+    dims = len(fixed_shape)
+    if tuple(image.shape[:dims]) != tuple(fixed_shape) or any(s != 1 for s in image.shape[dims:-1]):
         raise ValueError(
-            f"{path}: displacement grid {image.shape[:3]} differs from the fixed grid {tuple(fixed_shape)}"
+            f"{path}: displacement grid {image.shape[:-1]} differs from the fixed grid {tuple(fixed_shape)}"
         )
-    if not np.allclose(image.affine, fixed_affine, atol=1e-3):
+    if not np.allclose(spatial_affine(image.affine, dims), spatial_affine(fixed_affine, dims), atol=1e-3):
         raise ValueError(f"{path}: displacement field affine differs from the fixed image's:\n{image.affine}")
     intent = int(image.header["intent_code"])
     frame = "RAS" if intent == NIFTI_INTENT_DISPVECT else "LPS"
@@ -106,13 +159,16 @@ def load_itk_displacement(path: str, fixed_affine: np.ndarray, fixed_shape: Sequ
 
 
 def load_bundle_ddf(path: str, fixed_shape: Sequence[int]) -> np.ndarray:
-    """The bundle's ``ddf.nii.gz`` ``(X, Y, Z, 1, 3)``, already fixed-grid voxels -> ``(3, X, Y, Z)``."""
+    """The bundle's ``ddf.nii.gz``, already fixed-grid voxels: 3D ``(X, Y, Z, 1, 3)`` -> ``(3, X, Y, Z)``, 2D
+    ``(X, Y, 1, 1, 2)`` (the slice's singleton third axis kept) -> ``(2, X, Y)``."""
     vectors = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    if vectors.ndim != 5 or vectors.shape[3] != 1 or vectors.shape[-1] != 3:
-        raise ValueError(f"{path}: expected a 3D NIfTI vector field (X, Y, Z, 1, 3), got {vectors.shape}")
-    if tuple(vectors.shape[:3]) != tuple(fixed_shape):
-        raise ValueError(f"{path}: grid {vectors.shape[:3]} differs from the fixed grid {tuple(fixed_shape)}")
-    return np.ascontiguousarray(np.moveaxis(vectors[..., 0, :], -1, 0))
+    dims = len(fixed_shape)
+    layout = "(X, Y, Z, 1, 3)" if dims == 3 else "(X, Y, 1, 1, 2)"
+    if vectors.ndim != 5 or vectors.shape[3] != 1 or vectors.shape[-1] != dims or (dims == 2 and vectors.shape[2] != 1):
+        raise ValueError(f"{path}: expected a {dims}D NIfTI vector field {layout}, got {vectors.shape}")
+    if tuple(vectors.shape[:dims]) != tuple(fixed_shape):
+        raise ValueError(f"{path}: grid {vectors.shape[:dims]} differs from the fixed grid {tuple(fixed_shape)}")
+    return np.ascontiguousarray(np.moveaxis(vectors.reshape(tuple(fixed_shape) + (dims,)), -1, 0))
 
 
 def warp_label(
@@ -123,20 +179,26 @@ def warp_label(
     Independent of every tool's resampler, so comparing its Dice with the tool's own warped label tests the field
     conversion; moving and fixed may sit on different grids. Rounds explicitly rather than calling
     ``scipy.ndimage.map_coordinates(order=0, mode="constant")``, which returns ``cval`` for points in the outer half
-    voxel (beyond ``n - 1``), i.e. blanks border voxels a nearest-neighbour resampler keeps.
+    voxel (beyond ``n - 1``), i.e. blanks border voxels a nearest-neighbour resampler keeps. 2D: ``ddf`` is
+    ``(2, X, Y)``, ``moving_label`` ``(X', Y')`` and the affines' in-plane blocks are used.
     """
+    dims = ddf.shape[0]
     shape = ddf.shape[1:]
+    if moving_label.ndim != dims:
+        raise ValueError(f"moving label {moving_label.shape} is not {dims}D like the field {ddf.shape}")
     points = np.indices(shape, dtype=np.float32) + ddf
-    vox2vox = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ np.asarray(fixed_affine, dtype=np.float64)
-    if not np.allclose(vox2vox, np.eye(4), atol=1e-6):
-        points = np.einsum("ij,j...->i...", vox2vox[:3, :3], points) + vox2vox[:3, 3].reshape(3, 1, 1, 1)
+    vox2vox = np.linalg.inv(spatial_affine(moving_affine, dims)) @ spatial_affine(fixed_affine, dims)
+    if not np.allclose(vox2vox, np.eye(dims + 1), atol=1e-6):
+        points = np.einsum("ij,j...->i...", vox2vox[:dims, :dims], points) + vox2vox[:dims, dims].reshape(
+            (dims,) + (1,) * dims
+        )
     index = np.floor(points + 0.5).astype(np.intp)
     del points
     inside = np.ones(shape, dtype=bool)
-    for axis, size in enumerate(moving_label.shape[:3]):
+    for axis, size in enumerate(moving_label.shape):
         inside &= (index[axis] >= 0) & (index[axis] < size)
         np.clip(index[axis], 0, size - 1, out=index[axis])
-    warped = moving_label[index[0], index[1], index[2]]
+    warped = moving_label[tuple(index)]
     warped[~inside] = 0
     return warped
 
@@ -237,10 +299,7 @@ def _load_warped_label(path: str, fixed_shape: Sequence[int]) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"expected warped label was not written: {path}")
     label, _ = load_label(path)
-    label = label.reshape(label.shape[:3])
-    if label.shape != tuple(fixed_shape):
-        raise ValueError(f"{path}: warped label grid {label.shape} differs from the fixed grid {tuple(fixed_shape)}")
-    return label
+    return squeeze_to_grid(label, fixed_shape, f"{path}: warped label")
 
 
 @dataclass
@@ -259,11 +318,46 @@ class Context:
     greedy_warp_precision: float | None = None
 
 
+def write_2d_slice(path: str, out: str) -> str:
+    """A true 2D NIfTI (``dim[0] = 2``) of an ``X x Y x 1`` slice, with the file's in-plane affine, for ITK tools.
+
+    ITK reads the ``X x Y x 1`` file as a 2D image but with an identity LPS direction whatever the header says
+    (Greedy2D writes such a slice back with the affine ``diag(-1, -1, 1)`` for a RAS-identity input): the tool would
+    register the mirror image of the file's geometry, and its LPS field would not match the file's affine. A
+    ``dim[0] = 2`` file is read with the header's in-plane direction, spacing and origin (checked again on the warp
+    the tool writes, by ``load_itk_displacement``).
+    """
+    image = nib.load(path)
+    data = np.asarray(image.dataobj)
+    affine = spatial_affine(image.affine, 2)  # refuses an oblique slice
+    full = np.eye(4)
+    full[np.ix_([0, 1, 3], [0, 1, 3])] = affine
+    full[2, 3] = image.affine[2, 3]
+    sliced = nib.Nifti1Image(squeeze_to_grid(data, grid_shape(data.shape), path), full)
+    sliced.set_qform(full, code=1)
+    sliced.set_sform(full, code=1)
+    nib.save(sliced, out)
+    return out
+
+
+def _tool_inputs(pair: Pair, ctx: Context, tag: str) -> tuple[str, str, str]:
+    """Fixed, moving and moving-label files as the tool should read them: the originals in 3D, true 2D copies of
+    2D slices (``write_2d_slice``) in their own folder: ANTsPy collects its transforms by globbing its output prefix,
+    so nothing else may share that prefix."""
+    files = (pair.fixed, pair.moving, pair.moving_label)
+    if len(ctx.fixed_shape) == 3:
+        return files
+    folder = ctx.work / f"inputs_2d_{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ("fixed", "moving", "moving_label")
+    return tuple(write_2d_slice(f, str(folder / f"{n}.nii.gz")) for f, n in zip(files, names))
+
+
 def run_identity(pair: Pair, ctx: Context) -> MethodOutput:
     """No registration: the moving label taken onto the fixed grid through physical space (a copy when the grids
     match), zero displacement."""
     with Stopwatch() as clock:
-        ddf = np.zeros((3,) + ctx.fixed_shape, dtype=np.float32)
+        ddf = np.zeros((len(ctx.fixed_shape),) + ctx.fixed_shape, dtype=np.float32)
         warped = warp_label(ctx.moving_label, ddf, ctx.fixed_affine, ctx.moving_affine)
     return MethodOutput(warped, ddf, clock.wall_s, clock.cpu_s)
 
@@ -297,7 +391,8 @@ def _last_error_line(text: str) -> str:
 
 def run_bundle(pair: Pair, ctx: Context, refine: bool) -> MethodOutput:
     """This bundle exactly as a user runs it (``monai.bundle run inference``), network alone or with the default
-    test-time refinement; its ``ddf.nii.gz`` is already in fixed-grid voxels."""
+    test-time refinement; its ``ddf.nii.gz`` is already in fixed-grid voxels. A 2D pair needs ``--bundle_ckpt`` (no
+    2D model is shipped); without it the bundle's own "checkpoint not found" error becomes the failed entry."""
     name = "bundle-refined" if refine else "bundle-network"
     out = ctx.work / name
     command = [
@@ -321,10 +416,11 @@ def run_bundle(pair: Pair, ctx: Context, refine: bool) -> MethodOutput:
     log = ctx.logs / f"{pair.name}_{name}.log"
     atomic_write_text(str(log), " ".join(command) + "\n\n" + process.stdout + process.stderr)
     if process.returncode != 0:
-        raise RuntimeError(
-            f"exit {process.returncode}: {_last_error_line(process.stderr or process.stdout)} (log: {log})"
-        )
-    extra: dict = {"command": " ".join(command), "log": str(log)}
+        cause = _last_error_line(process.stderr or process.stdout)
+        # the bundle's hint names its own --ckpt_path; this script passes --bundle_ckpt on to it
+        hint = " [benchmark: --bundle_ckpt PATH]" if "checkpoint not found" in cause and not ctx.bundle_ckpt else ""
+        raise RuntimeError(f"exit {process.returncode}: {cause}{hint} (log: {log})")
+    extra: dict = {"command": " ".join(command), "log": str(log), "checkpoint": ctx.bundle_ckpt or "bundle default"}
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
         record = json.loads(metrics_path.read_text())
@@ -339,15 +435,26 @@ def run_bundle(pair: Pair, ctx: Context, refine: bool) -> MethodOutput:
 
 def run_ants(pair: Pair, ctx: Context) -> MethodOutput:
     """ANTsPy ``registration(type_of_transform='SyN')`` with its defaults (affine + SyN, Mattes MI), label warped
-    with ``genericLabel``; the forward transforms are composed into one field on the fixed grid for folding."""
+    with ``genericLabel``; the forward transforms are composed into one field on the fixed grid for folding.
+    2D slices are registered as 2D images (``write_2d_slice``), same defaults."""
     import ants
 
     prefix = str(ctx.work / "ants_")
     warped_path = str(ctx.work / "ants_warped_label.nii.gz")
+    dims = len(ctx.fixed_shape)
+    for stale in ctx.work.glob("ants_*"):  # a --keep_work rerun: ANTsPy would list the old files as transforms
+        if stale.is_file():
+            stale.unlink()
     with Stopwatch() as clock:
-        fixed, moving = ants.image_read(pair.fixed), ants.image_read(pair.moving)
+        fixed_path, moving_path, moving_label_path = _tool_inputs(pair, ctx, "ants")
+        fixed, moving = ants.image_read(fixed_path), ants.image_read(moving_path)
+        if fixed.dimension != dims or moving.dimension != dims:
+            raise ValueError(f"ANTs read {fixed.dimension}D/{moving.dimension}D images for a {dims}D pair")
         registration = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=prefix)
-        moving_label = ants.image_read(pair.moving_label)
+        stray = [t for t in registration["fwdtransforms"] if not ANTS_TRANSFORM.search(os.path.basename(t))]
+        if stray:  # ANTsPy lists every file that starts with the prefix (a leftover would be applied as a transform)
+            raise RuntimeError(f"ANTs transform list holds files that are not its transforms: {stray}")
+        moving_label = ants.image_read(moving_label_path)
         warped = ants.apply_transforms(fixed, moving_label, registration["fwdtransforms"], interpolator="genericLabel")
         ants.image_write(warped, warped_path)
     composite = ants.apply_transforms(fixed, moving, registration["fwdtransforms"], compose=prefix)
@@ -357,28 +464,31 @@ def run_ants(pair: Pair, ctx: Context) -> MethodOutput:
 
 
 def run_greedy(pair: Pair, ctx: Context) -> MethodOutput:
-    """Greedy (picsl-greedy), deformable only, ``-m NCC 2x2x2 -n 100x50x10``; label resliced with ``LABEL 0.2vox``.
+    """Greedy (picsl-greedy), deformable only, ``-m NCC 2x2x2 -n 100x50x10`` (2D slices: ``Greedy2D``, ``-d 2``,
+    ``-m NCC 2x2``, on true 2D copies, ``write_2d_slice``); label resliced with ``LABEL 0.2vox``.
 
     Greedy's warp is an ITK displacement field (LPS mm) on the fixed grid. By default Greedy saves it rounded to
     0.1 voxel (``-wp 0.1``), and the reslice reads that file: what a Greedy user gets, but the rounding steps add
     to the Jacobian statistics; ``--greedy_warp_precision 0`` saves the field as computed."""
-    from picsl_greedy import Greedy3D
+    import picsl_greedy
 
-    for path in (pair.fixed, pair.moving, pair.moving_label):
+    dims = len(ctx.fixed_shape)
+    for path in (pair.fixed, pair.moving, pair.moving_label, str(ctx.work)):
         if any(c.isspace() for c in path):
             raise ValueError(f"Greedy's command line is split on whitespace; rename or link: {path}")
     warp = str(ctx.work / "greedy_warp.nii.gz")
     warped_image = str(ctx.work / "greedy_warped_image.nii.gz")
     warped_label = str(ctx.work / "greedy_warped_label.nii.gz")
-    common = f"-d 3 -threads {ctx.threads} -V 0"
+    common = f"-d {dims} -threads {ctx.threads} -V 0"
     precision = "" if ctx.greedy_warp_precision is None else f" -wp {ctx.greedy_warp_precision:g}"
-    register = f"{common} -i {pair.fixed} {pair.moving} -o {warp} {GREEDY_SETTINGS}{precision}"
-    reslice = (
-        f"{common} -rf {pair.fixed} -rm {pair.moving} {warped_image} "
-        f"-ri LABEL 0.2vox -rm {pair.moving_label} {warped_label} -r {warp}"
-    )
     with Stopwatch() as clock:
-        greedy = Greedy3D()
+        fixed, moving, moving_label = _tool_inputs(pair, ctx, "greedy")
+        register = f"{common} -i {fixed} {moving} -o {warp} {GREEDY_SETTINGS[dims]}{precision}"
+        reslice = (
+            f"{common} -rf {fixed} -rm {moving} {warped_image} "
+            f"-ri LABEL 0.2vox -rm {moving_label} {warped_label} -r {warp}"
+        )
+        greedy = getattr(picsl_greedy, f"Greedy{dims}D")()
         greedy.execute(register)
         greedy.execute(reslice)
     ddf = load_itk_displacement(warp, ctx.fixed_affine, ctx.fixed_shape)
@@ -408,6 +518,13 @@ def classical_import_error(method: str) -> str | None:
     except Exception as error:  # a broken install (missing runtime dependency) counts as unavailable too
         return f"{package} not importable ({type(error).__name__}: {error}); install with: {INSTALL_HINT}"
     return None
+
+
+def default_eval_labels(data: str) -> str:
+    """``DATA/eval_labels.json``; a folder without one (the 2D slices) uses the 3D data's 30 structures, of which
+    only those present in both label maps are scored (``labels_to_score``)."""
+    own = Path(data) / "eval_labels.json"
+    return str(own if own.is_file() else Path(DEFAULT_DATA) / "eval_labels.json")
 
 
 def build_pairs(args: argparse.Namespace) -> list[Pair]:
@@ -484,8 +601,9 @@ def run_method(method: str, pair: Pair, ctx: Context, fixed_label: np.ndarray, l
 def markdown_table(pair_name: str, pair_result: dict, methods: Sequence[str]) -> str:
     """One direction's results as the markdown table the model card and reports quote."""
     count = len(pair_result.get("label_ids", []))
+    slice_note = ", 2D slice, scored in 2D" if pair_result.get("spatial_dims") == 2 else ""
     lines = [
-        f"**{pair_name}** ({pair_result['moving_name']} -> {pair_result['fixed_name']})",
+        f"**{pair_name}** ({pair_result['moving_name']} -> {pair_result['fixed_name']}{slice_note})",
         "",
         f"| method | mean Dice ({count} structures) | folded voxels % | SDlogJ | registration s | wall s | CPU s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -561,9 +679,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (all)")
     parser.add_argument("--directions", choices=("forward", "reverse", "both"), default="forward")
     parser.add_argument("--reverse", action="store_true", help="also run the reverse direction (= --directions both)")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "oasis3d"))
+    parser.add_argument("--data", default=DEFAULT_DATA, help="oasis3d (default) or oasis2d (2D slices)")
     parser.add_argument("--datalist", default=None, help="JSON with a 'pairs' list instead of the OASIS pair")
-    parser.add_argument("--eval_labels", default=None, help="JSON with a 'labels' list (default DATA/eval_labels.json)")
+    parser.add_argument(
+        "--eval_labels",
+        default=None,
+        help="JSON with a 'labels' list (default DATA/eval_labels.json, else the 3D data's: a 2D folder has none)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default=str(REPO / "bundle" / "runs" / "benchmark"))
     parser.add_argument("--merge", action="store_true", help="keep other methods' entries of an existing results.json")
@@ -608,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             methods.append(method)
     pairs = build_pairs(args)
-    eval_labels = args.eval_labels or (None if args.datalist else str(Path(args.data) / "eval_labels.json"))
+    eval_labels = args.eval_labels or (None if args.datalist else default_eval_labels(args.data))
     label_filter = resolve_label_ids(eval_labels)
 
     output_dir = Path(args.output_dir).resolve()
@@ -627,7 +749,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "load_average_at_start": list(os.getloadavg()),
         "host": platform.node(),
         "eval_labels": eval_labels,
-        "greedy_settings": GREEDY_SETTINGS,
+        "greedy_settings": GREEDY_SETTINGS[3],
+        "greedy_settings_2d": f"{GREEDY_SETTINGS[2]} (Greedy2D, -d 2)",
         "greedy_warp_precision": "Greedy default (-wp 0.1 voxel)"
         if args.greedy_warp_precision is None
         else f"-wp {args.greedy_warp_precision:g}",
@@ -646,9 +769,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             fixed_image = nib.load(pair.fixed)
             fixed_label, fixed_label_affine = load_label(pair.fixed_label)
             moving_label, moving_label_affine = load_label(pair.moving_label)
-            fixed_shape = tuple(int(s) for s in fixed_image.shape[:3])
-            if fixed_label.shape != fixed_shape or not np.allclose(fixed_label_affine, fixed_image.affine, atol=1e-3):
+            fixed_shape = grid_shape(fixed_image.shape)  # (X, Y) for a 2D slice stored X x Y x 1
+            dims = len(fixed_shape)
+            for path in (pair.moving, pair.moving_label):
+                if len(grid_shape(nib.load(path).shape)) != dims:
+                    raise ValueError(f"{path} is not {dims}D like {pair.fixed}")
+            if grid_shape(fixed_label.shape) != fixed_shape or not np.allclose(
+                fixed_label_affine, fixed_image.affine, atol=1e-3
+            ):
                 raise ValueError(f"{pair.fixed_label} is not on the grid of {pair.fixed}")
+            fixed_label = squeeze_to_grid(fixed_label, fixed_shape, pair.fixed_label)
+            moving_label = squeeze_to_grid(moving_label, grid_shape(moving_label.shape), pair.moving_label)
             label_ids = [int(i) for i in labels_to_score(fixed_label, moving_label, label_filter)]
             pair_result = results["pairs"].setdefault(pair.name, {"methods": {}})
             if not args.merge or pair_result.get("label_ids") not in (None, label_ids):
@@ -658,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 moving=pair.moving,
                 fixed_name=Path(pair.fixed).name,
                 moving_name=Path(pair.moving).name,
+                spatial_dims=dims,
                 label_ids=label_ids,
             )
             for method in methods:

@@ -180,3 +180,112 @@ def test_ants_reads_the_field_as_the_benchmark_does(tmp_path):
     ants.image_write(warped, out)
     moving, fixed = _labels()
     np.testing.assert_array_equal(benchmark.load_label(out)[0], fixed)
+
+
+# ------------------------------------------------------------------------------------------------ 2D slices (X x Y x 1)
+# In-plane: array axis 0 -> anterior (+y RAS) at 1.2 mm, axis 1 -> left (-x RAS) at 1.5 mm (the AFFINE above); the
+# singleton third axis -> superior at 2 mm. A 2D ITK field has 2 components, LPS x and y.
+SHAPE_2D = (20, 22)
+# LPS mm: 4.5 mm to the left, 2.4 mm to the posterior ...
+D_LPS_2D = np.array([4.5, 2.4])
+# ... is 2.4 mm posterior = -2 voxels of axis 0 (anterior, 1.2 mm) and 4.5 mm left = +3 voxels of axis 1 (left,
+# 1.5 mm). Unequal magnitudes, so a sign error (2, -3), a missed LPS flip (2, -3) and swapped axes (3, -2) all differ.
+U_VOXELS_2D = np.array([-2.0, 3.0])
+
+
+def _labels_2d() -> tuple[np.ndarray, np.ndarray]:
+    """2D moving label map and the fixed one it becomes under ``warped(x) = moving(x + U_VOXELS_2D)``."""
+    moving = np.zeros(SHAPE_2D, dtype=np.int32)
+    moving[4:12, 3:9] = 1
+    moving[9:15, 10:16] = 2
+    moving[5:9, 12:19] = 3
+    fixed = np.zeros_like(moving)
+    fixed[2:, :-3] = moving[:-2, 3:]  # fixed(i, j) = moving(i - 2, j + 3)
+    return moving, fixed
+
+
+def _constant_field_2d(vector: np.ndarray) -> np.ndarray:
+    """ITK's NIfTI layout of a 2D displacement field: ``(X, Y, 1, 1, 2)``."""
+    return np.broadcast_to(np.asarray(vector, dtype=np.float32), SHAPE_2D + (1, 1, 2)).copy()
+
+
+def test_2d_lps_field_converts_to_hand_computed_voxel_displacement_and_scores_in_2d():
+    assert benchmark.grid_shape(SHAPE_2D + (1,)) == SHAPE_2D and benchmark.grid_shape(SHAPE) == SHAPE
+    ddf = benchmark.itk_displacement_to_voxels(_constant_field_2d(D_LPS_2D), AFFINE)
+    assert ddf.shape == (2,) + SHAPE_2D
+    np.testing.assert_allclose(ddf[:, 3, 4], U_VOXELS_2D, atol=1e-5)
+    ras = benchmark.itk_displacement_to_voxels(_constant_field_2d(-D_LPS_2D), AFFINE, frame="RAS")
+    np.testing.assert_allclose(ras[:, 0, 0], U_VOXELS_2D, atol=1e-5)
+
+    moving, fixed = _labels_2d()
+    assert benchmark.score(fixed, moving, np.zeros((2,) + SHAPE_2D, np.float32), LABEL_IDS)["mean_dice"] < 0.6
+    result = benchmark.score(fixed, benchmark.warp_label(moving, ddf, AFFINE, AFFINE), ddf, LABEL_IDS)
+    assert result["dice"] == {"1": 1.0, "2": 1.0, "3": 1.0}
+    assert result["folded_percent"] == 0.0 and result["std_log_jacobian"] == pytest.approx(0.0, abs=1e-6)
+    wrong = {
+        "sign": benchmark.itk_displacement_to_voxels(_constant_field_2d(-D_LPS_2D), AFFINE),
+        "no LPS->RAS flip": benchmark.itk_displacement_to_voxels(_constant_field_2d(D_LPS_2D), AFFINE, frame="RAS"),
+        "axes swapped": ddf[::-1].copy(),
+    }
+    for name, field in wrong.items():
+        dice = benchmark.score(fixed, benchmark.warp_label(moving, field, AFFINE, AFFINE), field, LABEL_IDS)
+        assert dice["mean_dice"] < 0.6, name
+
+
+def test_2d_field_files(tmp_path):
+    # ITK / ANTs / Greedy warp: (X, Y, 1, 1, 2) LPS mm, on the slice's grid
+    path = str(tmp_path / "warp2d.nii.gz")
+    image = nib.Nifti1Image(_constant_field_2d(D_LPS_2D), AFFINE)
+    image.header.set_intent(benchmark.NIFTI_INTENT_VECTOR)
+    nib.save(image, path)
+    np.testing.assert_allclose(
+        benchmark.load_itk_displacement(path, AFFINE, SHAPE_2D)[:, 5, 6], U_VOXELS_2D, atol=1e-5
+    )
+    # a field in the frame ITK gives an X x Y x 1 file read as 2D (identity LPS direction) is refused
+    with pytest.raises(ValueError, match="affine differs"):
+        benchmark.load_itk_displacement(path, np.diag([-1.2, -1.5, 2.0, 1.0]), SHAPE_2D)
+    # the bundle's ddf.nii.gz: (X, Y, 1, 1, 2), already fixed-grid voxels
+    bundle = str(tmp_path / "ddf.nii.gz")
+    vectors = np.zeros(SHAPE_2D + (1, 1, 2), np.float32)
+    vectors[..., 0], vectors[..., 1] = 0.5, -1.5
+    nib.save(nib.Nifti1Image(vectors, AFFINE), bundle)
+    ddf = benchmark.load_bundle_ddf(bundle, SHAPE_2D)
+    assert ddf.shape == (2,) + SHAPE_2D
+    np.testing.assert_allclose(ddf[:, 1, 2], [0.5, -1.5])
+    with pytest.raises(ValueError, match="3D NIfTI vector field"):  # a 2D field for a 3D grid
+        benchmark.load_bundle_ddf(bundle, SHAPE_2D + (1,))
+
+
+def _write_case_2d(tmp_path) -> dict[str, str]:
+    """The 2D case as the data ships it (``X x Y x 1`` files), the tools' true-2D copies and the 2D LPS field."""
+    moving, fixed = _labels_2d()
+    files = {name: str(tmp_path / f"{name}.nii.gz") for name in ("fixed", "moving_label", "warp")}
+    nib.save(nib.Nifti1Image(fixed[..., None].astype(np.float32), AFFINE), files["fixed"])
+    nib.save(nib.Nifti1Image(moving[..., None].astype(np.int16), AFFINE), files["moving_label"])
+    for name in ("fixed", "moving_label"):
+        files[name] = benchmark.write_2d_slice(files[name], str(tmp_path / f"{name}_2d.nii.gz"))
+    warp = nib.Nifti1Image(_constant_field_2d(D_LPS_2D), AFFINE)
+    warp.header.set_intent(benchmark.NIFTI_INTENT_VECTOR)
+    nib.save(warp, files["warp"])
+    return files
+
+
+def test_greedy2d_reads_the_2d_field_as_the_benchmark_does(tmp_path):
+    greedy = pytest.importorskip("picsl_greedy", reason="picsl-greedy not installed (requirements-benchmark.txt)")
+    files = _write_case_2d(tmp_path)
+    out = str(tmp_path / "greedy_nn.nii.gz")
+    greedy.Greedy2D().execute(
+        f"-d 2 -threads 1 -V 0 -rf {files['fixed']} -ri NN -rm {files['moving_label']} {out} -r {files['warp']}"
+    )
+    np.testing.assert_array_equal(benchmark.load_label(out)[0], _labels_2d()[1])
+
+
+def test_ants_reads_the_2d_field_as_the_benchmark_does(tmp_path):
+    ants = pytest.importorskip("ants", reason="antspyx not installed (requirements-benchmark.txt)")
+    files = _write_case_2d(tmp_path)
+    fixed = ants.image_read(files["fixed"])
+    assert fixed.dimension == 2
+    warped = ants.apply_transforms(
+        fixed, ants.image_read(files["moving_label"]), [files["warp"]], interpolator="nearestNeighbor"
+    )
+    np.testing.assert_array_equal(np.rint(warped.numpy()).astype(np.int32), _labels_2d()[1])
