@@ -1,6 +1,7 @@
 """Side-by-side registration benchmark: identity, this bundle (network alone / refined), ANTs SyN and Greedy.
 
-    python benchmarks/oasis_benchmark.py [--methods identity,bundle-network,bundle-refined,ants-syn,greedy]
+    python benchmarks/oasis_benchmark.py [--methods identity,bundle-network,bundle-fast,bundle-refined,
+        bundle-accurate,ants-syn,greedy]
         [--directions forward|reverse|both] [--reverse] [--data ../shared/data/oasis3d|oasis2d] [--datalist D.json]
         [--threads 2] [--output_dir bundle/runs/benchmark] [--merge] [--bundle_ckpt PATH]
 
@@ -62,7 +63,14 @@ sys.path.insert(0, str(REPO / "bundle"))
 from scripts.files import atomic_write_text  # noqa: E402
 from scripts.metrics import deformation_stats, dice_per_label, labels_to_score, resolve_label_ids  # noqa: E402
 
-METHODS = ("identity", "bundle-network", "bundle-refined", "ants-syn", "greedy")
+METHODS = ("identity", "bundle-network", "bundle-fast", "bundle-refined", "bundle-accurate", "ants-syn", "greedy")
+# bundle method -> inference overrides: the network alone, then the refinement presets of inference.yaml
+BUNDLE_VARIANTS = {
+    "bundle-network": ["--refine_iterations", "0"],
+    "bundle-fast": ["--refine_preset", "fast"],
+    "bundle-refined": [],
+    "bundle-accurate": ["--refine_preset", "accurate"],
+}
 CLASSICAL_PACKAGES = {"ants-syn": ("ants", "antspyx"), "greedy": ("picsl_greedy", "picsl-greedy")}
 INSTALL_HINT = "pip install --no-deps -r requirements-benchmark.txt"
 GREEDY_SETTINGS = {3: "-m NCC 2x2x2 -n 100x50x10", 2: "-m NCC 2x2 -n 100x50x10"}  # by spatial dims
@@ -389,11 +397,10 @@ def _last_error_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def run_bundle(pair: Pair, ctx: Context, refine: bool) -> MethodOutput:
-    """This bundle exactly as a user runs it (``monai.bundle run inference``), network alone or with the default
-    test-time refinement; its ``ddf.nii.gz`` is already in fixed-grid voxels. A 2D pair needs ``--bundle_ckpt`` (no
+def run_bundle(pair: Pair, ctx: Context, name: str) -> MethodOutput:
+    """This bundle exactly as a user runs it (``monai.bundle run inference``), network alone or with a test-time
+    refinement preset (``BUNDLE_VARIANTS``); its ``ddf.nii.gz`` is already in fixed-grid voxels. A 2D pair needs ``--bundle_ckpt`` (no
     2D model is shipped); without it the bundle's own "checkpoint not found" error becomes the failed entry."""
-    name = "bundle-refined" if refine else "bundle-network"
     out = ctx.work / name
     command = [
         sys.executable, "-m", "monai.bundle", "run", "inference",
@@ -401,8 +408,7 @@ def run_bundle(pair: Pair, ctx: Context, refine: bool) -> MethodOutput:
         "--fixed_image", pair.fixed, "--moving_image", pair.moving, "--moving_label", pair.moving_label,
         "--output_dir", str(out),
     ]  # fmt: skip
-    if not refine:
-        command += ["--refine_iterations", "0"]
+    command += BUNDLE_VARIANTS[name]
     if ctx.bundle_ckpt:
         command += ["--ckpt_path", ctx.bundle_ckpt]
     env = dict(os.environ, PYTHONWARNINGS="ignore", **_thread_env(ctx.threads))
@@ -498,8 +504,7 @@ def run_greedy(pair: Pair, ctx: Context) -> MethodOutput:
 
 RUNNERS: dict[str, Callable[[Pair, Context], MethodOutput]] = {
     "identity": run_identity,
-    "bundle-network": lambda pair, ctx: run_bundle(pair, ctx, refine=False),
-    "bundle-refined": lambda pair, ctx: run_bundle(pair, ctx, refine=True),
+    **{name: (lambda pair, ctx, name=name: run_bundle(pair, ctx, name)) for name in BUNDLE_VARIANTS},
     "ants-syn": run_ants,
     "greedy": run_greedy,
 }
