@@ -67,7 +67,7 @@ def test_network_alone_with_refine_iterations_zero(tmp_path):
     )
     assert "refinement" not in record
     assert record["registered_mean_dice"] == pytest.approx(record["test_registered_dice"])  # metrics.json agrees
-    assert record["test_registered_dice"] > record["test_identity_dice"] + 0.02, record["test_registered_dice"]
+    assert record["test_registered_dice"] > record["test_identity_dice"] + 0.01, record["test_registered_dice"]
     assert record["folding_fraction"] < 5e-4
 
 
