@@ -65,7 +65,7 @@ def test_oasis2d_atlas_mode_train_evaluate_infer(tmp_path):
     assert validation["summary"]["pairs"] == 4  # two subjects, both directions to and from the atlas
     assert {p["fixed"] for p in validation["pairs"]} == {"atlas_image", "subject_a_image", "subject_b_image"}
 
-    check_ok(run_bundle("evaluating", [TRAIN, BRAIN3D, EVALUATE], common))
+    check_ok(run_bundle("evaluating", [TRAIN, EVALUATE], common))
     report = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert report["summary"]["pairs"] == 1  # the explicit test pair
     assert report["pairs"][0]["moving"] == "subject_b_image" and report["pairs"][0]["fixed"] == "subject_a_image"
