@@ -399,8 +399,9 @@ def _last_error_line(text: str) -> str:
 
 def run_bundle(pair: Pair, ctx: Context, name: str) -> MethodOutput:
     """This bundle exactly as a user runs it (``monai.bundle run inference``), network alone or with a test-time
-    refinement preset (``BUNDLE_VARIANTS``); its ``ddf.nii.gz`` is already in fixed-grid voxels. A 2D pair needs ``--bundle_ckpt`` (no
-    2D model is shipped); without it the bundle's own "checkpoint not found" error becomes the failed entry."""
+    refinement preset (``BUNDLE_VARIANTS``); its ``ddf.nii.gz`` is already in fixed-grid voxels. A 2D pair needs
+    ``--bundle_ckpt`` (no 2D model is shipped); without it the bundle's own "checkpoint not found" error becomes the
+    failed entry."""
     out = ctx.work / name
     command = [
         sys.executable, "-m", "monai.bundle", "run", "inference",

@@ -59,6 +59,13 @@ def test_lps_field_converts_to_hand_computed_voxel_displacement():
     np.testing.assert_allclose(ras[:, 0, 0, 0], U_VOXELS, atol=1e-5)
 
 
+def _assert_each_wrong_convention_fails(moving: np.ndarray, fixed: np.ndarray, wrong: dict) -> None:
+    """Warping with a field converted the wrong way (named by its key) must not reproduce the fixed labels."""
+    for name, field in wrong.items():
+        dice = benchmark.score(fixed, benchmark.warp_label(moving, field, AFFINE, AFFINE), field, LABEL_IDS)
+        assert dice["mean_dice"] < 0.6, name
+
+
 def test_known_translation_scores_perfectly_and_wrong_conventions_do_not():
     moving, fixed = _labels()
     identity = benchmark.score(fixed, moving, np.zeros((3,) + SHAPE, np.float32), LABEL_IDS)
@@ -76,9 +83,7 @@ def test_known_translation_scores_perfectly_and_wrong_conventions_do_not():
         "no LPS->RAS flip": benchmark.itk_displacement_to_voxels(_constant_field(D_LPS), AFFINE, frame="RAS"),
         "axes reversed": ddf[::-1].copy(),
     }
-    for name, field in wrong.items():
-        dice = benchmark.score(fixed, benchmark.warp_label(moving, field, AFFINE, AFFINE), field, LABEL_IDS)
-        assert dice["mean_dice"] < 0.6, name
+    _assert_each_wrong_convention_fails(moving, fixed, wrong)
 
     # the same physical warp when the moving label lies on another grid (here one voxel shifted along axis 1)
     moving_affine = AFFINE.copy()
@@ -227,9 +232,7 @@ def test_2d_lps_field_converts_to_hand_computed_voxel_displacement_and_scores_in
         "no LPS->RAS flip": benchmark.itk_displacement_to_voxels(_constant_field_2d(D_LPS_2D), AFFINE, frame="RAS"),
         "axes swapped": ddf[::-1].copy(),
     }
-    for name, field in wrong.items():
-        dice = benchmark.score(fixed, benchmark.warp_label(moving, field, AFFINE, AFFINE), field, LABEL_IDS)
-        assert dice["mean_dice"] < 0.6, name
+    _assert_each_wrong_convention_fails(moving, fixed, wrong)
 
 
 def test_2d_field_files(tmp_path):
@@ -238,9 +241,7 @@ def test_2d_field_files(tmp_path):
     image = nib.Nifti1Image(_constant_field_2d(D_LPS_2D), AFFINE)
     image.header.set_intent(benchmark.NIFTI_INTENT_VECTOR)
     nib.save(image, path)
-    np.testing.assert_allclose(
-        benchmark.load_itk_displacement(path, AFFINE, SHAPE_2D)[:, 5, 6], U_VOXELS_2D, atol=1e-5
-    )
+    np.testing.assert_allclose(benchmark.load_itk_displacement(path, AFFINE, SHAPE_2D)[:, 5, 6], U_VOXELS_2D, atol=1e-5)
     # a field in the frame ITK gives an X x Y x 1 file read as 2D (identity LPS direction) is refused
     with pytest.raises(ValueError, match="affine differs"):
         benchmark.load_itk_displacement(path, np.diag([-1.2, -1.5, 2.0, 1.0]), SHAPE_2D)

@@ -33,9 +33,7 @@ def _parsed(config_files: list[str], overrides: dict) -> ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize(
-    "spatial_dims, training_configs", [(2, ["train.yaml"]), (3, ["train.yaml", "brain3d.yaml"])]
-)
+@pytest.mark.parametrize("spatial_dims, training_configs", [(2, ["train.yaml"]), (3, ["train.yaml", "brain3d.yaml"])])
 def test_inference_runs_the_network_its_model_was_trained_as(spatial_dims, training_configs):
     """2D: the default training's network; 3D: the shipped brain model's (brain3d.yaml), on 1 mm images."""
     inference = _parsed(["inference.yaml"], {"spatial_dims": spatial_dims})

@@ -109,7 +109,9 @@ def test_a_pair_too_large_for_memory_is_refused_with_the_need_and_the_way_out(tm
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 64), dtype=np.float32), np.diag([0.5, 0.5, 0.5, 1.0])), str(fixed))
     needed = datalist.check_fits_in_memory(str(fixed), 1.0)
     assert needed == pytest.approx(datalist.BASE_BYTES + datalist.BYTES_PER_VOXEL * 32**3)  # resampled to 1 mm
-    monkeypatch.setattr(datalist, "_available_bytes", lambda: datalist.BASE_BYTES + datalist.BYTES_PER_VOXEL * 32**3 / 2)
+    monkeypatch.setattr(
+        datalist, "_available_bytes", lambda: datalist.BASE_BYTES + datalist.BYTES_PER_VOXEL * 32**3 / 2
+    )
     with pytest.raises(MemoryError, match=r"big.nii.gz \(--fixed_image\).*needs about .* GiB.*--pixdim 2"):
         datalist.check_fits_in_memory(str(fixed), 1.0)
     assert datalist.check_fits_in_memory(str(fixed), 2.0) < needed  # the way out the message names works

@@ -86,6 +86,8 @@ class CheckpointFileLoader:
             network.load_state_dict(state, strict=self.strict)
         except RuntimeError as error:
             raise ValueError(
-                f"checkpoint {self.load_path} does not fit this network (check spatial_dims, backbone_name, unet_channels, unet_out_channels, final_conv_channels: the model's training config): {error}"
+                f"checkpoint {self.load_path} does not fit this network (check spatial_dims, backbone_name, "
+                "unet_channels, unet_out_channels, final_conv_channels: the model's training config): "
+                f"{error}"
             ) from error
         logger.info("loaded checkpoint %s", self.load_path)

@@ -2,8 +2,9 @@
 
 MONAI's ``LocalNormalizedCrossCorrelationLoss`` filters with a 1-channel convolution per axis, which PyTorch runs
 slowly on the CPU (a 3D brain at 1 mm: seconds per call). A box window needs no weights: running sums per axis
-(cumulative sum, then a difference) compute the same local sums about twice as fast, forward and backward, and gives the same value as MONAI's rectangular kernel (a test
-checks it), so training and test-time refinement can afford full-resolution similarity.
+(cumulative sum, then a difference) compute the same local sums about twice as fast, forward and backward, and
+give the same value as MONAI's rectangular kernel (a test checks it), so training and test-time refinement can
+afford full-resolution similarity.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class RegistrationNet(nn.Module):
     halves, so test-time refinement can optimise ``v`` itself and keep ``φ`` diffeomorphic.
 
     With ``integration_steps = n > 0``, ``v`` is scaled by ``2**-n`` and composed with itself ``n`` times
-    (as MONAI's ``DVF2DDF``, composed in ``grid_sample`` units: ``scripts.integrate``), which keeps ``φ`` smooth and invertible in the continuum; ``n = 0`` treats the backbone output as
+    (as MONAI's ``DVF2DDF``, composed in ``grid_sample`` units: ``scripts.integrate``), which keeps ``φ`` smooth
+    and invertible in the continuum; ``n = 0`` treats the backbone output as
     a plain displacement. Inputs are zero-padded so every resolution level divides, and the field is cropped back.
 
     Args:

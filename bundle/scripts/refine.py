@@ -94,8 +94,10 @@ class VelocityRefiner:
         field_factor: int,
         factor: int,
         grid: torch.Tensor | None = None,
+        field_grid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, similarity)`` of ``field`` evaluated on the grid of level ``factor`` (``grid``: its identity).
+        """``(loss, similarity)`` of ``field`` evaluated on the grid of level ``factor`` (``grid``: its identity;
+        ``field_grid``: the identity of the field's own grid, both cached by the caller).
 
         Coarser than the field (``factor > field_factor``): ``v`` is resampled onto the level's grid and integrated
         there (cheap). Otherwise ``v`` is integrated on its own grid, as the network does, and the displacement is
@@ -107,7 +109,7 @@ class VelocityRefiner:
             ddf = integrate_velocity(velocity, self.integration_steps, grid)
             regularization = self.regularization(ddf)
         else:
-            coarse = integrate_velocity(field, self.integration_steps)
+            coarse = integrate_velocity(field, self.integration_steps, field_grid)
             regularization = self.regularization(coarse)
             ratio = field_factor / factor
             ddf = _resize_field(coarse, [round(n * ratio) for n in coarse.shape[2:]], ratio)
@@ -126,6 +128,7 @@ class VelocityRefiner:
             report["seconds"] = 0.0
             return field, report
         parameter = torch.nn.Parameter(field)
+        field_grid = identity_grid(field.shape[2:], field.device)
         optimizer = torch.optim.Adam([parameter], lr=self.learning_rate)
         with torch.enable_grad():
             for factor, count in zip(self.levels, self.iterations):
@@ -138,14 +141,18 @@ class VelocityRefiner:
                 history = []
                 for _ in range(count):
                     optimizer.zero_grad(set_to_none=True)
-                    loss, sim = self.level_loss(parameter, moving_level, fixed_level, field_factor, factor, grid)
+                    loss, sim = self.level_loss(
+                        parameter, moving_level, fixed_level, field_factor, factor, grid, field_grid
+                    )
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"test-time refinement: non-finite loss at level {factor}")
                     loss.backward()
                     optimizer.step()
                     history.append((loss.item(), sim.item()))
                 with torch.no_grad():
-                    loss, sim = self.level_loss(parameter, moving_level, fixed_level, field_factor, factor, grid)
+                    loss, sim = self.level_loss(
+                        parameter, moving_level, fixed_level, field_factor, factor, grid, field_grid
+                    )
                 report["levels"].append(
                     {
                         "factor": factor,

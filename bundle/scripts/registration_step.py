@@ -149,9 +149,7 @@ class RegistrationEvalStep:
             (``scripts.network.RegistrationNet``).
     """
 
-    def __init__(
-        self, label_ids: Sequence[int] | str | None = None, compute_hd95: bool = True, refiner=None
-    ) -> None:
+    def __init__(self, label_ids: Sequence[int] | str | None = None, compute_hd95: bool = True, refiner=None) -> None:
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
         self.refiner = refiner if refiner is not None and refiner.enabled else None
