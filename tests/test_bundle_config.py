@@ -47,6 +47,21 @@ def test_inference_runs_the_network_its_model_was_trained_as(spatial_dims, train
     assert inference_grid == training.get_parsed_content("pixdim") * trained.downsample
 
 
+@pytest.mark.parametrize("training_configs", [["train.yaml"], ["train.yaml", "brain3d.yaml"]])
+def test_training_augmentation_never_gives_both_images_the_same_noise(training_configs):
+    """A random dictionary transform draws once for all its keys: one noise/bias transform over both images would
+    add the same pattern to both, which lines up only at the identity and teaches the network not to move."""
+    augmentation = _parsed(training_configs, {"spatial_dims": 3}).get_parsed_content("train#augmentation")
+    augmentation.set_random_state(seed=0)
+    shape = (1, 12, 12, 12)
+    identical_changes = 0
+    for _ in range(40):
+        pair = augmentation({"moving_image": torch.zeros(shape), "fixed_image": torch.zeros(shape)})
+        moving, fixed = torch.as_tensor(pair["moving_image"]), torch.as_tensor(pair["fixed_image"])
+        identical_changes += int(bool(moving.abs().sum() > 0) and torch.equal(moving, fixed))
+    assert identical_changes == 0, f"{identical_changes} of 40 pairs got the same random intensity pattern on both sides"
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("backbone_name", ["voxelmorph", "localnet"])
 def test_network_def_maps_two_channel_input_to_ddf(spatial_dims, backbone_name):
