@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -19,10 +20,19 @@ from .visualize import save_overview_png
 __all__ = ["RegistrationWriter", "save_nifti_atomic"]
 
 NIFTI_INTENT_VECTOR = 1007
+# A displacement field is float noise to deflate: gzip shrinks a 1 mm brain's DDF from 83 to 77 MB in ~3.5 s of CPU,
+# the largest part of writing the outputs. It is stored uncompressed inside ddf.nii.gz (still a valid .nii.gz).
+DDF_COMPRESSLEVEL = 0
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str, intent: int | None = None) -> str:
-    """Save via a temporary file in the target folder, then rename: no partial NIfTI is ever left at ``path``."""
+def save_nifti_atomic(
+    array: np.ndarray, affine: np.ndarray, path: str, intent: int | None = None, compresslevel: int | None = None
+) -> str:
+    """Save via a temporary file in the target folder, then rename: no partial NIfTI is ever left at ``path``.
+
+    ``compresslevel`` (``.gz`` only) overrides nibabel's gzip level; 0 stores the bytes in a valid gzip stream
+    without deflating them (for float fields that deflate shrinks by a few percent at seconds of CPU).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))  # the fixed file's own 4x4 affine
@@ -30,7 +40,11 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str, intent: 
         image.header.set_intent(intent)
     temporary = os.path.join(folder, f".tmp{os.getpid()}_{os.path.basename(path)}")
     try:
-        nib.save(image, temporary)
+        if compresslevel is not None and path.endswith(".gz"):
+            with gzip.GzipFile(temporary, "wb", compresslevel=compresslevel, mtime=0) as stream:
+                stream.write(image.to_bytes())
+        else:
+            nib.save(image, temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -92,6 +106,7 @@ class RegistrationWriter:
                         grid.file_affine,
                         os.path.join(folder, "ddf.nii.gz"),
                         NIFTI_INTENT_VECTOR,
+                        DDF_COMPRESSLEVEL,
                     ),
                 ]
                 if "warped_label" in output:
