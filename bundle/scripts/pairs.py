@@ -10,10 +10,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from monai.transforms import Randomizable, ResampleToMatch
 from torch.utils.data import Dataset
 
-__all__ = ["PAIR_MODES", "PairDataset", "held_out_pairs", "pair_indices_from_paths"]
+from .files import logger
+
+__all__ = ["PAIR_MODES", "PairDataset", "held_out_pairs", "label_present", "pair_indices_from_paths"]
 
 PAIR_MODES = ("pairwise", "ring", "atlas", "explicit")
 ATLAS_DIRECTIONS = ("subject_to_atlas", "atlas_to_subject", "both")
@@ -26,6 +29,24 @@ def _subject_name(subject: Mapping) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _entries(dataset: object) -> list:
+    """The input entries (paths) of a MONAI dataset, without loading them; a plain list is its own entries."""
+    data = getattr(dataset, "data", dataset)
+    return list(data) if isinstance(data, Sequence) else []
+
+
+def _has_label(entry: object) -> bool:
+    return isinstance(entry, Mapping) and entry.get("label") is not None
+
+
+def label_present(batch: Mapping, role: str, i: int) -> bool:
+    """Whether pair ``i`` of a batch has a real ``role`` ('fixed'/'moving') label (not a stand-in of zeros)."""
+    if f"{role}_label" not in batch:
+        return False
+    flags = batch.get(f"{role}_label_present")
+    return True if flags is None else bool(torch.as_tensor(flags).flatten()[i])
 
 
 def pair_indices_from_paths(subject_images: Sequence[str], pairs: Sequence[Mapping]) -> list[tuple[int, int]]:
@@ -86,6 +107,17 @@ class PairDataset(Randomizable, Dataset):
         if mode == "explicit" and not pairs:
             raise ValueError("pair_mode 'explicit' needs a non-empty list of pairs")
         self.subjects, self.atlas, self.mode = subjects, atlas, mode
+        # Partly labelled datalists: when any subject has a label, every pair carries both label keys (zeros where a
+        # subject has none) and ``*_label_present`` flags, so batches collate and consumers skip the missing ones.
+        entries = _entries(subjects)
+        labelled = sum(_has_label(entry) for entry in entries)
+        self.labelled = labelled > 0 or any(_has_label(entry) for entry in _entries(atlas or []))
+        if 0 < labelled < len(entries):
+            logger.info(
+                "%d of %d subjects have a label: label losses and Dice use the pairs where both sides have one",
+                labelled,
+                len(entries),
+            )
         self.num_pairs = int(num_pairs) if num_pairs else n
         self.transform = transform
         self.resample = ResampleToMatch()
@@ -136,6 +168,10 @@ class PairDataset(Randomizable, Dataset):
             pair[f"{role}_image"] = subject["image"]
             if "label" in subject:
                 pair[f"{role}_label"] = subject["label"]
+            elif self.labelled:
+                pair[f"{role}_label"] = torch.zeros_like(subject["image"])
+            if self.labelled:
+                pair[f"{role}_label_present"] = "label" in subject
             pair[f"{role}_name"] = _subject_name(subject)
         if pair["fixed_image"].shape != pair["moving_image"].shape:
             # Different field of view or spacing: resample the moving subject onto the fixed grid in world

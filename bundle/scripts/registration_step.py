@@ -15,6 +15,7 @@ import torch
 from monai.networks.blocks import Warp
 from torch import nn
 
+from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
 __all__ = ["RegistrationLoss", "RegistrationTrainStep", "RegistrationEvalStep", "one_hot_labels"]
@@ -71,7 +72,10 @@ class RegistrationLoss(nn.Module):
         }
         loss = terms["similarity"] + self.regularization_weight * terms["regularization"]
         if self.uses_labels:
-            terms["label"] = self.label_loss(warped_label, fixed_label)
+            if warped_label is None or fixed_label is None or warped_label.shape[0] == 0:
+                terms["label"] = torch.zeros((), device=ddf.device)  # no pair of this batch has both labels
+            else:
+                terms["label"] = self.label_loss(warped_label, fixed_label)
             loss = loss + self.label_weight * terms["label"]
         terms["loss"] = loss
         return terms
@@ -96,9 +100,13 @@ class RegistrationTrainStep:
             labels = {}
             if self.loss.uses_labels:
                 ids = self.loss.label_ids
-                # Bilinear on one-hot masks: nearest-neighbour warping has no gradient w.r.t. the DDF.
-                labels["warped_label"] = self.warp(one_hot_labels(batch["moving_label"].to(device), ids), ddf)
-                labels["fixed_label"] = one_hot_labels(batch["fixed_label"].to(device), ids)
+                both = [i for i in range(fixed.shape[0]) if _labelled_pair(batch, i)]
+                if both:
+                    keep = torch.as_tensor(both, device=device)
+                    moving_label = batch["moving_label"].to(device)[keep]
+                    # Bilinear on one-hot masks: nearest-neighbour warping has no gradient w.r.t. the DDF.
+                    labels["warped_label"] = self.warp(one_hot_labels(moving_label, ids), ddf[keep])
+                    labels["fixed_label"] = one_hot_labels(batch["fixed_label"].to(device)[keep], ids)
             terms = self.loss(warped, fixed, ddf, **labels)
         if not torch.isfinite(terms["loss"]):
             # Stop before the step: a non-finite update would corrupt the weights that the final checkpoint saves.
@@ -120,6 +128,10 @@ class RegistrationTrainStep:
             fixed_image=fixed.detach(), moving_image=moving.detach(), warped_image=warped.detach(), ddf=ddf.detach()
         )
         return output
+
+
+def _labelled_pair(batch: Mapping, i: int) -> bool:
+    return label_present(batch, "fixed", i) and label_present(batch, "moving", i)
 
 
 def _plain(image: torch.Tensor) -> torch.Tensor:
@@ -179,7 +191,7 @@ class RegistrationEvalStep:
             if "moving_label" in batch:
                 warped_label = self.warp_label(batch["moving_label"].to(device).float(), ddf)
         output = {"fixed_image": fixed, "moving_image": moving, "warped_image": warped, "ddf": ddf}
-        if warped_label is not None:
+        if warped_label is not None and any(label_present(batch, "moving", i) for i in range(fixed.shape[0])):
             output["warped_label"] = warped_label
             output["moving_label"] = batch["moving_label"]
         if "fixed_label" in batch:
@@ -216,13 +228,18 @@ class RegistrationEvalStep:
             "seconds": seconds,
             **deformation_stats(output["ddf"][i].cpu().numpy()),
         }
-        if "warped_label" not in output or "fixed_label" not in output:
+        if not _labelled_pair(batch, i):
             return record  # Dice/HD95 need both labels; inference may have only the moving one
         fixed_label = output["fixed_label"][i, 0].cpu().numpy().round().astype(np.int32)
         moving_label = output["moving_label"][i, 0].cpu().numpy().round().astype(np.int32)
         warped_label = output["warped_label"][i, 0].cpu().numpy().round().astype(np.int32)
         ids = labels_to_score(fixed_label, moving_label, self.label_ids)
         spacing = _spacing(batch["fixed_image"][i])
+        record["scored_structures"] = len(ids)
+        undefined: dict[str, str] = {}
+        if not ids:
+            wanted = "" if self.label_ids is None else " among the eval_label_ids"
+            undefined["mean_dice"] = f"no structure{wanted} is present in both the fixed and the moving label"
         for name, candidate in (("identity", moving_label), ("registered", warped_label)):
             dice = dice_per_label(fixed_label, candidate, ids)
             record[f"{name}_dice"] = {str(k): v for k, v in dice.items()}
@@ -230,5 +247,11 @@ class RegistrationEvalStep:
             if self.compute_hd95:
                 hd95 = hd95_per_label(fixed_label, candidate, ids, spacing)
                 record[f"{name}_hd95"] = {str(k): v for k, v in hd95.items()}
-                record[f"{name}_mean_hd95"] = float(np.nanmean(list(hd95.values()))) if hd95 else float("nan")
+                finite = [v for v in hd95.values() if np.isfinite(v)]
+                record[f"{name}_mean_hd95"] = float(np.mean(finite)) if finite else float("nan")
+                for k, v in hd95.items():
+                    if not np.isfinite(v):
+                        undefined[f"{name}_hd95.{k}"] = f"structure {k} is absent from the {name} moving label"
+        if undefined:
+            record["undefined"] = undefined
         return record

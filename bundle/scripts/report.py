@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
-from .files import atomic_write_text, logger
+from .files import atomic_write_json, atomic_write_text, logger
 
 __all__ = ["PairRecordMean", "RegistrationReport", "format_table", "summarize"]
 
@@ -48,7 +47,7 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def summarize(records: Sequence[dict], quantile: float = 0.3) -> dict:
     """Aggregate per-pair records: means over pairs, DSC30 (``quantile`` of pair mean Dice), per-structure Dice."""
-    summary: dict = {"pairs": len(records)}
+    summary: dict = {"pairs": len(records), "scored_pairs": sum("registered_mean_dice" in r for r in records)}
     for method in ("identity", "registered"):
         dices = [r[f"{method}_mean_dice"] for r in records if f"{method}_mean_dice" in r]
         if dices:
@@ -153,8 +152,9 @@ class RegistrationReport:
         for key, value in self.summary.items():
             if isinstance(value, float):
                 engine.state.metrics[key] = value
-        logger.info("registration report (epoch %d)\n%s", engine.state.epoch, format_table(self.summary))
+        scored = f"{self.summary['scored_pairs']} of {self.summary['pairs']} pairs scored by Dice (both labels present)"
+        logger.info("registration report (epoch %d): %s\n%s", engine.state.epoch, scored, format_table(self.summary))
         if self.output_dir:
             base = os.path.join(self.output_dir, self.name)
-            atomic_write_text(base + ".json", json.dumps({"summary": self.summary, "pairs": self.records}, indent=1))
+            atomic_write_json(base + ".json", {"summary": self.summary, "pairs": self.records})
             atomic_write_text(base + ".csv", _records_csv(self.records))

@@ -116,7 +116,8 @@ class EnsureSpatialDimsd(MapTransform):
 
 
 class CheckIntensityd(MapTransform):
-    """Reject images with NaN/inf or constant intensity, and labels with no foreground, naming the file.
+    """Reject images with NaN/inf or constant intensity, and labels that are not label maps (non-finite, negative,
+    non-integer, no foreground, more than ``max_label_values`` distinct ids), naming the file.
 
     ``after`` names the step that ran before (e.g. resampling), so that a label whose few foreground voxels vanish
     when resampled is not reported as an empty file.
@@ -128,12 +129,15 @@ class CheckIntensityd(MapTransform):
         label_keys: KeysCollection = (),
         allow_missing_keys: bool = True,
         after: str | None = None,
+        max_label_values: int = 1000,
+        integer_tolerance: float = 1e-3,
     ):
         image_keys = [image_keys] if isinstance(image_keys, str) else list(image_keys)
         label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         super().__init__(image_keys + label_keys, allow_missing_keys)
         self.image_keys, self.label_keys = set(image_keys), set(label_keys)
         self.suffix = f" after {after}" if after else ""
+        self.max_label_values, self.integer_tolerance = int(max_label_values), float(integer_tolerance)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -147,9 +151,34 @@ class CheckIntensityd(MapTransform):
                     raise ValueError(
                         f"{name} ('{key}') is constant ({float(values.max())}){self.suffix}; nothing to register"
                     )
-            elif not (values > 0).any():
-                raise ValueError(f"{name} ('{key}') has no foreground label (all values are 0){self.suffix}")
+            else:
+                self._check_label(values, f"{name} ('{key}')")
         return d
+
+    def _check_label(self, values: torch.Tensor, name: str) -> None:
+        """A label map holds non-negative integer ids of a plausible number of structures; a probability map or an
+        intensity image given as a label would otherwise warp into an empty label and NaN scores."""
+        values = values.float()
+        if not torch.isfinite(values).all():
+            raise ValueError(f"{name} contains NaN or infinite values{self.suffix}; a label map holds integer ids")
+        lowest = float(values.min())
+        if lowest < 0:
+            raise ValueError(f"{name} has negative values (min {lowest:g}){self.suffix}; label ids must be >= 0")
+        fraction = (values - values.round()).abs()
+        if float(fraction.max()) > self.integer_tolerance:
+            example = float(values.flatten()[int(fraction.flatten().argmax())])
+            raise ValueError(
+                f"{name} has non-integer values (e.g. {example:g}){self.suffix}: a label map holds integer ids "
+                "(a probability map or an intensity image is not a label)"
+            )
+        if not (values > 0).any():
+            raise ValueError(f"{name} has no foreground label (all values are 0){self.suffix}")
+        distinct = int(torch.unique(values.round()).numel())
+        if distinct > self.max_label_values:
+            raise ValueError(
+                f"{name} has {distinct} distinct values{self.suffix}, more than max_label_values "
+                f"({self.max_label_values}) structures: is it an intensity image rather than a label map?"
+            )
 
 
 def _input_files(data: object) -> list[str]:

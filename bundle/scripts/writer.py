@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,12 +15,14 @@ import torch
 from ignite.engine import Engine, Events
 
 from .fixed_grid import FixedFileGrid
-from .files import atomic_write_text, logger
+from .files import atomic_write_json, logger
+from .pairs import label_present
 from .visualize import save_overview_png
 
 __all__ = ["RegistrationWriter", "save_nifti_atomic"]
 
 NIFTI_INTENT_VECTOR = 1007
+OUTPUT_FILES = ("warped_image.nii.gz", "warped_label.nii.gz", "ddf.nii.gz", "overview.png", "metrics.json")
 # A displacement field is float noise to deflate: gzip shrinks a 1 mm brain's DDF from 83 to 77 MB in ~3.5 s of CPU,
 # the largest part of writing the outputs. It is stored uncompressed inside ddf.nii.gz (still a valid .nii.gz).
 DDF_COMPRESSLEVEL = 0
@@ -52,6 +55,23 @@ def save_nifti_atomic(
     return path
 
 
+def _output_files(folder: str) -> list[str]:
+    """Relative paths of the files under ``folder`` (empty when it does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files]
+    return sorted(found)
+
+
+def _foreign_files(folder: str) -> list[str]:
+    """Files under ``folder`` that no registration run writes (outputs sit at the top or one pair folder down)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return [folder]
+    return [f for f in _output_files(folder) if os.path.basename(f) not in OUTPUT_FILES or f.count(os.sep) > 1]
+
+
 class RegistrationWriter:
     """Writes, for each registered pair, into ``output_dir`` (a sub-folder per pair when there are several), on the
     fixed file's own grid and with its own affine (resampled from the network's grid only where they differ):
@@ -62,29 +82,71 @@ class RegistrationWriter:
     ``overview.png`` (network grid) and ``metrics.json``, whose ``seconds_load_to_write`` is the registration time
     a user waits for: from the engine's start (after the checkpoint is loaded) through reading the images,
     registering and writing the NIfTI outputs (Python start-up and config parsing are not counted).
+
+    All of it goes to a hidden staging folder beside ``output_dir`` that replaces ``output_dir`` when the run
+    completes (a warning lists the earlier run's files it replaced): the folder never mixes two runs' files, and a
+    failed run leaves it untouched. A folder holding anything else is refused before the run starts.
     """
 
     def __init__(self, output_dir: str) -> None:
-        self.output_dir = output_dir
+        self.output_dir = os.path.abspath(output_dir)
         self._clock = time.perf_counter()
+        self._staging: str | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._start_clock)
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._publish)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._discard)
 
-    def _start_clock(self, engine: Engine) -> None:
+    def _start(self, engine: Engine) -> None:
+        """Check ``output_dir`` holds nothing but an earlier run's outputs, then write into a fresh hidden staging
+        folder beside it: the folder is swapped in when the run completes, so it only ever holds one run's files."""
         self._clock = time.perf_counter()
+        foreign = _foreign_files(self.output_dir)
+        if foreign:
+            raise FileExistsError(
+                f"--output_dir {self.output_dir} holds files that are not registration outputs (e.g. {foreign[0]}); "
+                "the run would replace the folder: choose a new or empty folder"
+            )
+        parent, name = os.path.split(self.output_dir)
+        os.makedirs(parent, exist_ok=True)
+        self._staging = tempfile.mkdtemp(prefix=f".{name}.writing-", dir=parent)
+
+    def _publish(self, engine: Engine) -> None:
+        if self._staging is None:
+            return
+        staging, self._staging = self._staging, None
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are shared like any other folder
+        earlier = _output_files(self.output_dir)
+        if os.path.isdir(self.output_dir):
+            parent, name = os.path.split(self.output_dir)
+            retired = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+            os.replace(self.output_dir, os.path.join(retired, name))
+            os.replace(staging, self.output_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, self.output_dir)
+        if earlier:
+            logger.warning(
+                "replaced the %d files of an earlier run in %s (%s)", len(earlier), self.output_dir, ", ".join(earlier)
+            )
+
+    def _discard(self, engine: Engine, error: Exception) -> None:
+        """A failed run leaves ``output_dir`` as it was (no partial outputs) and re-raises its error."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        raise error
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
         fixed = engine.state.batch["fixed_image"]
         several = len(engine.state.dataloader.dataset) > 1
         for i, record in enumerate(output["records"]):
-            folder = (
-                os.path.join(self.output_dir, f"{record['moving']}_to_{record['fixed']}")
-                if several
-                else self.output_dir
-            )
+            subfolder = f"{record['moving']}_to_{record['fixed']}" if several else ""
+            folder = os.path.join(self._staging or self.output_dir, subfolder)
+            final_folder = os.path.join(self.output_dir, subfolder)
             affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
             grid = FixedFileGrid(
                 fixed.meta["filename_or_obj"][i], torch.as_tensor(affine).cpu().numpy(), tuple(fixed.shape[2:])
@@ -109,7 +171,7 @@ class RegistrationWriter:
                         DDF_COMPRESSLEVEL,
                     ),
                 ]
-                if "warped_label" in output:
+                if "warped_label" in output and label_present(engine.state.batch, "moving", i):
                     label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
                     jobs.append(
                         pool.submit(
@@ -127,13 +189,13 @@ class RegistrationWriter:
                     job.result()  # re-raises a failed write
             record["seconds_load_to_write"] = time.perf_counter() - self._clock
             self._clock = time.perf_counter()
-            atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(record, indent=1))
+            atomic_write_json(os.path.join(folder, "metrics.json"), record)
             logger.info(
                 "registered %s -> %s in %.2f s (%.2f s from reading to writing); outputs in %s%s",
                 record["moving"],
                 record["fixed"],
                 record["seconds"],
                 record["seconds_load_to_write"],
-                folder,
+                final_folder,
                 "" if grid.identical else " (resampled onto the fixed file's grid)",
             )
