@@ -54,6 +54,44 @@ def check_image_file(path: str, what: str, read_data: bool = True) -> None:
     _check_data_size(image, path, what)
     if len(image.shape) < 2:
         raise ValueError(f"{what}: {path} has shape {image.shape}; expected a 2D or 3D image")
+    _check_geometry(image, path, what)
+
+
+# Voxel sizes outside this range (mm) are header mistakes (e.g. metres or microns written as mm), not brain MRI.
+SPACING_RANGE_MM = (1e-4, 1e4)
+
+
+def _check_geometry(image: nib.filebasedimages.FileBasedImage, path: str, what: str) -> None:
+    """A zero-size axis, a non-finite or singular voxel-to-world affine, or an absurd voxel size cannot be
+    resampled onto any grid; caught from the header, before anything is loaded or registered."""
+    if 0 in tuple(image.shape):
+        raise ValueError(f"{what}: {path} has shape {tuple(image.shape)}, with a zero-size axis: it holds no voxels")
+    affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{what}: {path} has a non-finite voxel-to-world affine {affine.tolist()}")
+    singular_values = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular_values.min() <= 1e-9 * max(1.0, singular_values.max()):
+        raise ValueError(
+            f"{what}: {path} has a singular voxel-to-world affine (an axis of zero length: {affine[:3, :3].tolist()}); "
+            "fix the header's sform/qform"
+        )
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    header = image.header
+    if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) > 0:
+        zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+        n = min(len(zooms), 3)
+        if not np.allclose(zooms[:n], spacing[:n], rtol=1e-3):
+            raise ValueError(
+                f"{what}: {path} has voxel size {np.round(zooms[:n], 6).tolist()} mm in its header's pixdim but "
+                f"{np.round(spacing[:n], 6).tolist()} mm in its sform (and no qform): readers disagree on such a file; "
+                "fix the header"
+            )
+    low, high = SPACING_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        raise ValueError(
+            f"{what}: {path} has voxel size {np.round(spacing, 8).tolist()} mm, outside {low:g}-{high:g} mm; "
+            "fix the header's spacing"
+        )
 
 
 def _check_data_size(image: nib.filebasedimages.FileBasedImage, path: str, what: str) -> None:
@@ -201,25 +239,38 @@ def _available_bytes() -> float:
         return float("inf")
 
 
-def check_fits_in_memory(path: str | None, pixdim: float | list[float], what: str = "--fixed_image") -> float:
-    """Estimate the memory to register a pair on ``path``'s field of view resampled to ``pixdim`` mm; raise a
-    ``MemoryError`` that names the need, what is available and the way out, before anything is loaded.
-
-    Returns the estimate in bytes. The estimate is linear in the voxels of the network's grid (measured constants).
-    """
-    if not path:
-        return 0.0
-    check_image_file(str(path), what, read_data=False)
+def _bytes_needed(path: str, pixdim: float | list[float]) -> tuple[float, list[int]]:
     header = nib.load(str(path)).header
     shape = [int(n) for n in header.get_data_shape()[:3]]
     spacing = [float(z) for z in header.get_zooms()[:3]]
     target = [float(pixdim)] * len(shape) if isinstance(pixdim, (int, float)) else [float(p) for p in pixdim]
     voxels = float(np.prod([max(1.0, n * z / t) for n, z, t in zip(shape, spacing, target)]))
-    needed = BASE_BYTES + BYTES_PER_VOXEL * voxels
+    return BASE_BYTES + BYTES_PER_VOXEL * voxels, shape
+
+
+def check_fits_in_memory(
+    path: str | None, pixdim: float | list[float], what: str = "--fixed_image", moving_path: str | None = None
+) -> float:
+    """Estimate the memory to register a pair on ``path``'s field of view resampled to ``pixdim`` mm (and to load
+    ``moving_path`` at ``pixdim`` before it is resampled onto that grid); raise a ``MemoryError`` that names the
+    file, the need, what is available and the way out, before anything is loaded.
+
+    Returns the estimate in bytes. The estimate is linear in the voxels of the network's grid (measured constants).
+    """
+    if not path:
+        return 0.0
     available = _available_bytes()
-    if needed > available:
-        raise MemoryError(
-            f"{path} ({what}): registering {shape} voxels at pixdim {pixdim} needs about {needed / 2**30:.1f} GiB, "
-            f"{available / 2**30:.1f} GiB is available; pass --pixdim 2 (8x fewer voxels in 3D) or free memory"
-        )
-    return needed
+    estimates = []
+    for file, option in ((path, what), (moving_path, "--moving_image")):
+        if not file:
+            continue
+        check_image_file(str(file), option, read_data=False)
+        needed, shape = _bytes_needed(str(file), pixdim)
+        if needed > available:
+            raise MemoryError(
+                f"{file} ({option}): registering {shape} voxels at pixdim {pixdim} needs about "
+                f"{needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is available; pass --pixdim 2 (8x fewer "
+                "voxels in 3D) or free memory"
+            )
+        estimates.append(needed)
+    return max(estimates)

@@ -27,7 +27,14 @@ from monai.transforms import (
     SqueezeDim,
 )
 
-__all__ = ["LoadSubjectImaged", "EnsureSpatialDimsd", "CheckIntensityd", "SubjectCompose", "subject_preprocessing"]
+__all__ = [
+    "LoadSubjectImaged",
+    "EnsureSpatialDimsd",
+    "CheckLabelGridd",
+    "CheckIntensityd",
+    "SubjectCompose",
+    "subject_preprocessing",
+]
 
 
 def _filename(data: Mapping, key: Hashable) -> str:
@@ -181,6 +188,38 @@ class CheckIntensityd(MapTransform):
             )
 
 
+class CheckLabelGridd(MapTransform):
+    """Reject a label that is not on its image's voxel grid (shape and affine), naming both files.
+
+    Resampling would hide the mistake (a label of another subject or of another preprocessing), and further on the
+    mismatch only shows as a shape error inside the warp.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", tolerance: float = 1e-3) -> None:
+        super().__init__([image_key, label_key], allow_missing_keys=True)
+        self.image_key, self.label_key, self.tolerance = image_key, label_key, float(tolerance)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.image_key not in d or self.label_key not in d:
+            return d
+        image, label = d[self.image_key], d[self.label_key]
+        image_affine = np.asarray(torch.as_tensor(getattr(image, "affine", torch.eye(4))), dtype=np.float64)
+        label_affine = np.asarray(torch.as_tensor(getattr(label, "affine", torch.eye(4))), dtype=np.float64)
+        same_shape = tuple(image.shape[1:]) == tuple(label.shape[1:])
+        scale = max(1.0, float(np.abs(image_affine).max()))
+        same_affine = image_affine.shape == label_affine.shape and np.allclose(
+            image_affine, label_affine, atol=self.tolerance * scale
+        )
+        if not (same_shape and same_affine):
+            raise ValueError(
+                f"{_filename(d, self.label_key)} ('{self.label_key}') is not on the grid of its image "
+                f"{_filename(d, self.image_key)}: shape {tuple(label.shape[1:])} vs {tuple(image.shape[1:])}, "
+                f"voxel-to-world affine {np.round(label_affine, 4).tolist()} vs {np.round(image_affine, 4).tolist()}"
+            )
+        return d
+
+
 def _input_files(data: object) -> list[str]:
     """File names of a subject dictionary, whether its values are still paths or already loaded images."""
     if not isinstance(data, Mapping):
@@ -215,7 +254,10 @@ class SubjectCompose(Compose):
             files = _input_files(input_)
             if files and not any(name in message for name in files):
                 message = f"{', '.join(files)}: {type(cause).__name__}: {message}"
-            error_type = type(cause) if type(cause) in (ValueError, FileNotFoundError, TypeError) else RuntimeError
+            if isinstance(cause, MemoryError) and not str(cause):
+                message = f"{', '.join(files)}: not enough memory to load and resample it"
+            documented = (ValueError, FileNotFoundError, TypeError, MemoryError)
+            error_type = type(cause) if type(cause) in documented else RuntimeError
             raise error_type(message) from cause
 
 
@@ -230,15 +272,17 @@ def subject_preprocessing(
     """Load one subject ``{image, label?}`` into the network's space.
 
     load (missing/unreadable files named) -> channel first -> dimensionality check (2D slices ``(H, W, 1)``
-    squeezed) -> NaN/constant/empty-label checks on the file's values -> RAS orientation -> resample to ``pixdim``
-    (labels nearest; labels checked again) -> robust [0, 1] intensity scaling -> centre crop/pad to ``spatial_size``
-    (None keeps the resampled size) -> float32 tensors. Errors name the file and the problem (``SubjectCompose``).
+    squeezed) -> label on its image's grid -> NaN/constant/label-map checks on the file's values -> RAS orientation
+    -> resample to ``pixdim`` (labels nearest; labels checked again) -> robust [0, 1] intensity scaling -> centre
+    crop/pad to ``spatial_size`` (None keeps the resampled size) -> float32 tensors. Errors name the file and the
+    problem (``SubjectCompose``).
     """
     keys = [image_key, label_key]
     steps = [
         LoadSubjectImaged(keys),
         EnsureChannelFirstd(keys, allow_missing_keys=True),
         EnsureSpatialDimsd(keys, spatial_dims=spatial_dims),
+        CheckLabelGridd(image_key, label_key),
         CheckIntensityd(image_key, label_key),
         Orientationd(keys, axcodes="RAS"[:spatial_dims], allow_missing_keys=True),
     ]
