@@ -59,7 +59,9 @@ def test_training_augmentation_never_gives_both_images_the_same_noise(training_c
         pair = augmentation({"moving_image": torch.zeros(shape), "fixed_image": torch.zeros(shape)})
         moving, fixed = torch.as_tensor(pair["moving_image"]), torch.as_tensor(pair["fixed_image"])
         identical_changes += int(bool(moving.abs().sum() > 0) and torch.equal(moving, fixed))
-    assert identical_changes == 0, f"{identical_changes} of 40 pairs got the same random intensity pattern on both sides"
+    assert identical_changes == 0, (
+        f"{identical_changes} of 40 pairs got the same random intensity pattern on both sides"
+    )
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
