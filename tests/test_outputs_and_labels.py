@@ -63,8 +63,9 @@ def _last_line(process) -> str:
     ids=["probability-map", "intensity-image", "all-negative", "nan"],
 )
 def test_a_label_that_is_not_a_label_map_is_rejected_naming_the_file(tmp_path, make_label, problem):
-    image = _save(tmp_path / "a.nii.gz", _image())
-    label = _save(tmp_path / "a_seg.nii.gz", make_label())
+    label_array = make_label()
+    image = _save(tmp_path / "a.nii.gz", np.random.default_rng(0).random(label_array.shape).astype(np.float32))
+    label = _save(tmp_path / "a_seg.nii.gz", label_array)
     with pytest.raises(ValueError, match=re.escape(f"{label} ('label') ") + problem):
         subject_preprocessing(2, 1.0, None)({"image": image, "label": label})
 

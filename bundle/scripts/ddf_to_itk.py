@@ -14,11 +14,14 @@ form ``antsApplyTransforms -t`` and ``itk.DisplacementFieldTransform`` read. (MO
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import nibabel as nib
 import numpy as np
+
+try:  # imported as part of the bundle's scripts package
+    from .files import atomic_output
+except ImportError:  # run as a standalone script: python bundle/scripts/<name>.py
+    from files import atomic_output
 
 __all__ = ["ddf_to_itk"]
 
@@ -50,16 +53,8 @@ def ddf_to_itk(ddf_path: str, fixed_path: str, output_path: str | None = None):
     field.SetSpacing(fixed.GetSpacing())
     field.SetDirection(fixed.GetDirection())
     if output_path:
-        folder = os.path.dirname(os.path.abspath(output_path))
-        handle, temporary = tempfile.mkstemp(prefix=".tmp", suffix=".nii.gz", dir=folder)
-        os.close(handle)
-        try:
+        with atomic_output(output_path, ".nii.gz") as temporary:
             itk.imwrite(field, temporary)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, output_path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
     return field
 
 

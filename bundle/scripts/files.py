@@ -1,31 +1,51 @@
-"""Small file helpers shared by the writers: atomic text writes and the bundle's logger."""
+"""Small file helpers shared by the writers: the one atomic-write policy, strict JSON, and the bundle's logger."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 
-__all__ = ["atomic_write_json", "atomic_write_text", "json_safe", "logger"]
+__all__ = ["atomic_output", "atomic_write_json", "atomic_write_text", "json_safe", "logger"]
 
 logger = logging.getLogger("registration")
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path in ``path``'s folder to write to; on success it is renamed onto ``path`` (readers never
+    see a partial file, and a failed write leaves an earlier ``path`` as it was), on failure it is removed.
+
+    The one write policy of the bundle: the file gets the usual permissions (``0o666`` less the umask, where
+    ``mkstemp`` would leave ``0o600``), and ``suffix`` keeps the extension writers infer the format from.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp", dir=folder)
+    handle, temporary = tempfile.mkstemp(prefix=f".tmp{os.getpid()}_", suffix=suffix, dir=folder)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any other file
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` through ``atomic_output``."""
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as stream:
+        stream.write(text)
 
 
 def json_safe(value: object, path: str = "", undefined: dict[str, str] | None = None) -> object:

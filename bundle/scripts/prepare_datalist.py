@@ -33,9 +33,13 @@ import json
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+try:  # imported as part of the bundle's scripts package
+    from .files import atomic_output
+except ImportError:  # run as a standalone script: python bundle/scripts/<name>.py
+    from files import atomic_output
 
 __all__ = [
     "LAYOUTS",
@@ -254,23 +258,9 @@ def build_datalist(
 
 
 def _write_json_atomic(content: dict, output: str | os.PathLike) -> None:
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".datalist-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=1)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temporary, output)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_output(output, ".json") as temporary, open(temporary, "w") as stream:
+        json.dump(content, stream, indent=1)
+        stream.write("\n")
 
 
 def write_datalist(data_dir: str | os.PathLike, output: str | os.PathLike | None = None, **options: Any) -> str:

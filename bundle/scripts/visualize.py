@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .files import atomic_output  # noqa: E402
 
 __all__ = ["overview_figure", "save_overview_png"]
 
@@ -53,17 +53,10 @@ def overview_figure(
 
 def save_overview_png(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, ddf: np.ndarray) -> str:
     """Write the overview PNG atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     figure = overview_figure(fixed, moving, warped, ddf)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=100)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600
-        os.replace(temporary, path)
+        with atomic_output(path, ".png") as temporary:
+            figure.savefig(temporary, dpi=100)
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path

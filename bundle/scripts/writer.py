@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from .fixed_grid import FixedFileGrid
-from .files import atomic_write_json, logger
+from .files import atomic_output, atomic_write_json, logger
 from .pairs import label_present
 from .visualize import save_overview_png
 
@@ -36,22 +36,16 @@ def save_nifti_atomic(
     ``compresslevel`` (``.gz`` only) overrides nibabel's gzip level; 0 stores the bytes in a valid gzip stream
     without deflating them (for float fields that deflate shrinks by a few percent at seconds of CPU).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))  # the fixed file's own 4x4 affine
     if intent is not None:
         image.header.set_intent(intent)
-    temporary = os.path.join(folder, f".tmp{os.getpid()}_{os.path.basename(path)}")
-    try:
-        if compresslevel is not None and path.endswith(".gz"):
+    suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
+    with atomic_output(path, suffix) as temporary:
+        if compresslevel is not None and suffix == ".nii.gz":
             with gzip.GzipFile(temporary, "wb", compresslevel=compresslevel, mtime=0) as stream:
                 stream.write(image.to_bytes())
         else:
             nib.save(image, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 
