@@ -169,7 +169,9 @@ class PairDataset(Randomizable, Dataset):
             if "label" in subject:
                 pair[f"{role}_label"] = subject["label"]
             elif self.labelled:
-                pair[f"{role}_label"] = torch.zeros_like(subject["image"])
+                image = subject["image"]
+                zeros = np.zeros_like if isinstance(image, np.ndarray) else torch.zeros_like
+                pair[f"{role}_label"] = zeros(image)
             if self.labelled:
                 pair[f"{role}_label_present"] = "label" in subject
             pair[f"{role}_name"] = _subject_name(subject)
