@@ -150,7 +150,8 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, datalist):
         deadline = time.monotonic() + 600
         while not _state_epochs(run_dir) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     killed_at = _state_epochs(run_dir)

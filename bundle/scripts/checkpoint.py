@@ -190,11 +190,14 @@ class ModelPublisher:
             value, metric, record, os.path.isfile(self.model_path), self.run_dir, self.overwrite
         )
         if not publish:
-            hint = "" if record is not None and record.get("run_dir") == self.run_dir else " (--overwrite_model true)"
-            logger.info("kept published %s: %s%s; this run's model is in %s", self.model_path, reason, hint, self.run_dir)
+            own = record is not None and record.get("run_dir") == self.run_dir
+            hint = "" if own else "; --overwrite_model true replaces it"
+            logger.info(
+                "kept published %s: %s%s; this run's model is in %s", self.model_path, reason, hint, self.run_dir
+            )
             return
-        # weights first: a kill between the two writes leaves a record that undersells the model, never one that
-        # claims a model that is not there
+        # weights first: a kill between the two writes leaves the previous record beside the new weights, never a
+        # record of weights that were not written
         save_weights(self.network, self.model_path)
         entry = {
             "metric": metric,
