@@ -72,6 +72,30 @@ def test_publish_decision(value, record, model_exists, overwrite, publish):
     assert reason
 
 
+def test_run_folder_new_named_and_resumed(tmp_path):
+    from scripts.runs import as_flag, run_folder
+
+    runs = tmp_path / "runs"
+    first, second = run_folder(str(runs)), run_folder(str(runs))
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)  # same second: a suffix
+    with pytest.raises(FileNotFoundError, match=str(runs)):
+        run_folder(str(runs), resume="true")
+    for run, epochs in ((first, (1, 2)), (second, (1,))):
+        os.makedirs(os.path.join(run, "checkpoints"), exist_ok=True)
+        for epoch in epochs:
+            open(os.path.join(run, "checkpoints", f"state_checkpoint_{epoch}.pt"), "w").close()
+    os.utime(os.path.join(first, "checkpoints", "state_checkpoint_2.pt"), (time.time() + 5, time.time() + 5))
+    assert run_folder(str(runs), resume=True) == first  # the run saved most recently
+    assert run_folder(str(runs), name=os.path.basename(second), resume=True) == second
+    with pytest.raises(FileExistsError, match="--resume true"):
+        run_folder(str(runs), name=os.path.basename(first))
+    with pytest.raises(FileNotFoundError, match="other"):
+        run_folder(str(runs), name="other", resume=True)
+    assert as_flag("true", "resume") and not as_flag("false", "resume") and not as_flag(False, "resume")
+    with pytest.raises(ValueError, match="--resume expects true or false"):
+        as_flag("maybe", "resume")
+
+
 def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     """Every generator (global ones, the pair sampler's, and those nested in its augmentation) comes back."""
     import random

@@ -54,6 +54,10 @@ def _new_run_name(runs_dir: str) -> str:
 def _resolve(runs_dir: str, name: str | None, resume: bool) -> str:
     if not resume:
         run_dir = os.path.join(runs_dir, name or _new_run_name(runs_dir))
+        if os.path.isdir(run_dir) and os.listdir(run_dir):
+            raise FileExistsError(
+                f"run folder {run_dir} already holds a run: pass --resume true to continue it, or another --run_name"
+            )
         os.makedirs(run_dir, exist_ok=True)
         logger.info("run folder %s (TensorBoard events, validation reports, checkpoints of this run)", run_dir)
         return run_dir
@@ -88,6 +92,7 @@ def run_folder(runs_dir: str, name: str | None = None, resume: bool = False) -> 
             whose latest training state is the most recent).
         resume: continue an existing run: its folder must hold a saved training state, else ``FileNotFoundError``
             names the folder searched (failing beats silently starting over, which would cost the whole training).
+            Without it, a named folder that already holds a run is refused (``FileExistsError``) rather than mixed.
 
     Under ``torch.distributed`` rank 0 decides and broadcasts, so all ranks agree on a timestamp name.
     """
@@ -100,7 +105,7 @@ def run_folder(runs_dir: str, name: str | None = None, resume: bool = False) -> 
     if dist.get_rank() == 0:
         try:
             decided[0] = _resolve(runs_dir, name, resume)
-        except FileNotFoundError as error:  # every rank must fail, not wait forever on the broadcast
+        except (FileNotFoundError, FileExistsError) as error:  # every rank must fail, not wait forever on the broadcast
             decided[0] = error
     dist.broadcast_object_list(decided, src=0)
     if isinstance(decided[0], Exception):

@@ -7,6 +7,7 @@ training draws from (python, numpy, torch CPU/CUDA, the pair sampler and its aug
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import random
@@ -190,18 +191,25 @@ class TrainingState:
             raise ValueError(
                 f"cannot resume from {path}: {error} (resume with the configuration the run started with)"
             ) from error
+        # a kill during a write leaves ignite's temporary file (tmp*, never a state_checkpoint_*) in this run's folder
+        for stale in glob.glob(os.path.join(self.run_dir, STATE_FOLDER, "tmp*")):
+            os.remove(stale)
+            logger.info("removed %s, the partial write of a killed run", stale)
         best = ""
         if self.evaluator is not None and self.evaluator.state.best_metric_epoch > 0:
             value = self.evaluator.state.best_metric
-            best = f", best {self.evaluator.state.key_metric_name} {value:.4f}" if not math.isnan(value) else ""
-            best += f" at epoch {self.evaluator.state.best_metric_epoch}"
+            if not math.isnan(value):
+                best = f", best {self.evaluator.state.key_metric_name} {value:.4f} at epoch "
+                best += str(self.evaluator.state.best_metric_epoch)
+        done, total = engine.state.epoch, engine.state.max_epochs
+        then = f"continuing with epoch {done + 1}" if done < total else "nothing left to train (raise --max_epochs)"
         logger.info(
-            "resumed run %s from %s: epoch %d of %d complete (iteration %d)%s; continuing with epoch %d",
+            "resumed run %s from %s: epoch %d of %d complete (iteration %d)%s; %s",
             self.run_dir,
             path,
-            engine.state.epoch,
-            engine.state.max_epochs,
+            done,
+            total,
             engine.state.iteration,
             best,
-            engine.state.epoch + 1,
+            then,
         )
