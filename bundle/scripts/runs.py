@@ -83,7 +83,7 @@ def _resolve(runs_dir: str, name: str | None, resume: bool) -> str:
     return max(candidates)[1]
 
 
-def run_folder(runs_dir: str, name: str | None = None, resume: bool = False) -> str:
+def run_folder(runs_dir: str, name: str | int | None = None, resume: bool | str = False) -> str:
     """The folder of this training run, created when new.
 
     Args:
@@ -99,6 +99,7 @@ def run_folder(runs_dir: str, name: str | None = None, resume: bool = False) -> 
     import torch.distributed as dist
 
     resume = as_flag(resume, "resume")
+    name = None if name is None else str(name)  # the CLI turns --run_name 1 into an int
     if not (dist.is_available() and dist.is_initialized()):
         return _resolve(runs_dir, name, resume)
     decided: list = [None]

@@ -192,7 +192,7 @@ class TrainingState:
                 f"cannot resume from {path}: {error} (resume with the configuration the run started with)"
             ) from error
         # a kill during a write leaves ignite's temporary file (tmp*, never a state_checkpoint_*) in this run's folder
-        for stale in glob.glob(os.path.join(self.run_dir, STATE_FOLDER, "tmp*")):
+        for stale in glob.glob(os.path.join(self.run_dir, STATE_FOLDER, "tmp*")) if _rank() == 0 else []:
             os.remove(stale)
             logger.info("removed %s, the partial write of a killed run", stale)
         best = ""
