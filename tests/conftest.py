@@ -22,15 +22,21 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
-def run_bundle(
-    run_id: str, config_files: list[str], overrides: dict, timeout: int = 900
-) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run <run_id>`` exactly as a user would; return the finished process."""
+def bundle_command(run_id: str, config_files: list[str], overrides: dict) -> tuple[list[str], dict]:
+    """The command line and environment of ``python -m monai.bundle run <run_id>`` as a user would type it."""
     config = config_files[0] if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return command, env
+
+
+def run_bundle(
+    run_id: str, config_files: list[str], overrides: dict, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run <run_id>`` exactly as a user would; return the finished process."""
+    command, env = bundle_command(run_id, config_files, overrides)
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 

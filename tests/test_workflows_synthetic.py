@@ -44,9 +44,10 @@ def test_train_evaluate_infer_on_synthetic_data(tmp_path, spatial_dims):
     train = {**common, "max_epochs": 2, "num_pairs_per_epoch": 4, "batch_size": 2, "val_interval": 1, "val_hd95": True}
     output = check_ok(run_bundle("training", [TRAIN], train))
     assert "registration report" in output and "identity" in output
-    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
-    assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
-    validation = json.loads((tmp_path / "out" / "validation" / "metrics.json").read_text())
+    (run_dir,) = (tmp_path / "out" / "runs").iterdir()
+    assert (tmp_path / "models" / "model.pt").is_file() and (run_dir / "model_final.pt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    validation = json.loads((run_dir / "validation" / "metrics.json").read_text())
     assert validation["summary"]["pairs"] == 2
 
     check_ok(run_bundle("evaluating", [TRAIN, EVALUATE], common))
@@ -123,6 +124,7 @@ def test_training_without_any_labels_still_saves_model_pt(tmp_path):
     output = check_ok(run_bundle("training", [TRAIN], overrides))
     assert "saving the latest" in output
     assert (tmp_path / "models" / "model.pt").is_file()
-    summary = json.loads((tmp_path / "out" / "validation" / "metrics.json").read_text())["summary"]
+    (run_dir,) = (tmp_path / "out" / "runs").iterdir()
+    summary = json.loads((run_dir / "validation" / "metrics.json").read_text())["summary"]
     assert summary["pairs"] == 2 and "registered_mean_dice" not in summary
     assert summary["registered_folding_fraction"] >= 0.0
