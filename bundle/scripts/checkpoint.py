@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
 from ignite.engine import Engine, Events
 
-from .files import atomic_write_text, logger
+from .files import atomic_output, atomic_write_text, logger
 from .runs import as_flag
 
 __all__ = ["AtomicCheckpointSaver", "CheckpointFileLoader", "ModelPublisher", "publish_decision", "save_weights"]
@@ -22,18 +21,9 @@ def save_weights(network, path: str) -> None:
     and a rename, so ``path`` is always a complete, loadable file."""
     import torch
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp", suffix=".pt", dir=folder)
-    os.close(handle)
-    try:
+    with atomic_output(path, ".pt") as temporary:
         torch.save(getattr(network, "module", network).state_dict(), temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-        logger.info("saved checkpoint %s", path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    logger.info("saved checkpoint %s", path)
 
 
 class AtomicCheckpointSaver:
