@@ -61,7 +61,8 @@ def test_oasis2d_atlas_mode_train_evaluate_infer(tmp_path):
         "ckpt_dir": tmp_path / "models",
     }
     check_ok(run_bundle("training", [TRAIN], {**common, "max_epochs": 1, "batch_size": 2, "val_interval": 1}))
-    validation = json.loads((tmp_path / "out" / "validation" / "metrics.json").read_text())
+    (validation_report,) = (tmp_path / "out" / "runs").glob("*/validation/metrics.json")  # the run's own folder
+    validation = json.loads(validation_report.read_text())
     assert validation["summary"]["pairs"] == 4  # two subjects, both directions to and from the atlas
     assert {p["fixed"] for p in validation["pairs"]} == {"atlas_image", "subject_a_image", "subject_b_image"}
 

