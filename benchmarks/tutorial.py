@@ -2,12 +2,16 @@
 
     python benchmarks/tutorial.py mnist          # train on digit 5 (bundle CLI), figure of held-out pairs
     python benchmarks/tutorial.py out-of-sample  # the digit-5 model on every digit class and on a real brain slice
+    python benchmarks/tutorial.py regularization # λ over two orders of magnitude: Dice and folding on test pairs
+    python benchmarks/tutorial.py limited-data   # 2 ... 400 training digits: Dice on the same test pairs
 
 ``mnist`` runs ``python -m monai.bundle run training`` with ``train.yaml + mnist.yaml`` as a user would (into
 ``--work``), then registers held-out test pairs with the trained model and draws moving / fixed / warped / grid
 (``tutorial_mnist_pairs.png``). ``out-of-sample`` scores that model, unchanged, on 40 test pairs of every digit class
 (``evaluating`` with ``--eval_section test_digit_<k>``) and on the OASIS 2D slice pair when ``../shared/data`` is
-there (``inference``, network alone), against no registration (``tutorial_out_of_sample.png``). Tables are markdown,
+there (``inference``, network alone), against no registration (``tutorial_out_of_sample.png``). ``regularization``
+and ``limited-data`` train one model per setting with the same budget (``--sweep_epochs`` x 400 pairs) and score
+them on the same 40 test pairs (``tutorial_regularization.png``, ``tutorial_limited_data.png``). Tables are markdown,
 ready for ``bundle/docs/tutorial.md``; numbers also go to ``<work>/tutorial_results.json``.
 """
 
@@ -162,12 +166,97 @@ def out_of_sample(work: Path, threads: int, data: Path) -> dict:
     return results
 
 
+def train_and_test(work: Path, name: str, threads: int, epochs: int, overrides: dict) -> dict:
+    """Train one model with ``overrides`` into ``work/name`` and return its test-section summary."""
+    folder = work / name
+    settings = {
+        "output_dir": folder / "runs",
+        "ckpt_dir": folder / "models",
+        "mnist_dir": work / "mnist_digit5",
+        "max_epochs": epochs,
+        "val_interval": epochs,
+        **overrides,
+    }
+    bundle("training", TRAINING, settings, threads)
+    evaluate = {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}
+    bundle("evaluating", TRAINING + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
+    return json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+
+
+def regularization(work: Path, threads: int, epochs: int) -> dict:
+    weights = [0.001, 0.003, 0.01, 0.03, 0.1]
+    results = {}
+    for weight in weights:
+        summary = train_and_test(work, f"lambda_{weight:g}", threads, epochs, {"regularization_weight": weight})
+        results[f"{weight:g}"] = summary
+    print("| λ (bending energy) | mean Dice | folded voxels % | std log det J |")
+    print("|---|---|---|---|")
+    for weight, summary in results.items():
+        folded = 100 * summary["registered_folding_fraction"]
+        print(
+            f"| {weight} | {summary['registered_mean_dice']:.3f} | {folded:.3f} "
+            f"| {summary['registered_std_log_jacobian']:.3f} |"
+        )
+    identity = next(iter(results.values()))["identity_mean_dice"]
+    print(f"no registration: mean Dice {identity:.3f}")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.semilogx(weights, [r["registered_mean_dice"] for r in results.values()], "o-", label="mean Dice")
+    axis.axhline(identity, color="0.6", linestyle="--", label="Dice, no registration")
+    axis.set_xlabel("λ (bending energy weight)")
+    axis.set_ylabel("mean Dice")
+    other = axis.twinx()
+    other.semilogx(
+        weights,
+        [100 * r["registered_folding_fraction"] for r in results.values()],
+        "s-",
+        color="C3",
+        label="folded voxels %",
+    )
+    other.set_ylabel("folded voxels %", color="C3")
+    axis.legend(loc="lower left")
+    axis.set_title(f"Regularisation on MNIST 5s ({epochs} epochs each)")
+    figure.tight_layout()
+    figure.savefig(DOCS / "tutorial_regularization.png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {DOCS / 'tutorial_regularization.png'}")
+    return results
+
+
+def limited_data(work: Path, threads: int, epochs: int) -> dict:
+    sizes = [2, 5, 10, 50, 400]  # pairwise sampling needs two subjects
+    results = {}
+    for size in sizes:
+        overrides = {"datalist#num_train": size, "mnist_dir": work / f"mnist_digit5_train{size}"}
+        results[str(size)] = train_and_test(work, f"train_{size}", threads, epochs, overrides)
+    print("| training digits | mean Dice (40 test pairs) | folded voxels % |")
+    print("|---|---|---|")
+    for size, summary in results.items():
+        print(
+            f"| {size} | {summary['registered_mean_dice']:.3f} | {100 * summary['registered_folding_fraction']:.3f} |"
+        )
+    identity = next(iter(results.values()))["identity_mean_dice"]
+    print(f"no registration: mean Dice {identity:.3f}")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.semilogx(sizes, [r["registered_mean_dice"] for r in results.values()], "o-", label="registered")
+    axis.axhline(identity, color="0.6", linestyle="--", label="no registration")
+    axis.set_xlabel("training digits (5s)")
+    axis.set_ylabel("mean Dice, 40 test pairs")
+    axis.legend()
+    axis.set_title(f"Limited training data ({epochs} epochs x 400 pairs each)")
+    figure.tight_layout()
+    figure.savefig(DOCS / "tutorial_limited_data.png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {DOCS / 'tutorial_limited_data.png'}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["mnist", "out-of-sample"])
+    parser.add_argument("experiment", choices=["mnist", "out-of-sample", "regularization", "limited-data"])
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "tutorial"), help="runs, models and data")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--sweep_epochs", type=int, default=5, help="epochs per model of the sweeps")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -178,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "mnist":
         results["mnist"] = train(work, args.threads, args.epochs)
         pair_figure(work, DOCS / "tutorial_mnist_pairs.png")
+    elif args.experiment == "regularization":
+        results["regularization"] = regularization(work, args.threads, args.sweep_epochs)
+    elif args.experiment == "limited-data":
+        results["limited_data"] = limited_data(work, args.threads, args.sweep_epochs)
     else:
         if not (work / "models" / "model.pt").is_file():
             raise SystemExit(f"no MNIST model in {work / 'models'}: run `python benchmarks/tutorial.py mnist` first")

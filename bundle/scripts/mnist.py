@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["ensure_mnist_dataset", "load_mnist_digits"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PARAMS_FILE = "mnist_params.json"
 FOREGROUND_THRESHOLD = 0.5
 
@@ -52,9 +52,10 @@ def ensure_mnist_dataset(
 ) -> str:
     """Write the MNIST dataset under ``root`` unless an identical one is there; return its datalist path.
 
-    ``digit``'s 500 images are split (seeded shuffle) into ``num_train`` training, ``num_validation`` validation and
-    ``num_test`` test subjects; ``test_digit_<k>`` holds ``num_test_per_digit`` images of every class ``k`` (for
-    ``digit`` itself, its test subjects). Written into a temporary sibling folder and renamed into place.
+    ``digit``'s 500 images are split (seeded shuffle) into ``num_test`` test, ``num_validation`` validation and
+    ``num_train`` training subjects, in that order (held-out digits do not depend on ``num_train``);
+    ``test_digit_<k>`` holds ``num_test_per_digit`` images of every class ``k`` (for ``digit`` itself, its test
+    subjects). Written into a temporary sibling folder and renamed into place.
     """
     spec = {
         "digit": int(digit),
@@ -82,10 +83,10 @@ def ensure_mnist_dataset(
         for k in range(10):
             order = rng.permutation(np.flatnonzero(digits == k))
             if k == spec["digit"]:
-                splits = np.split(
-                    order[: num_train + num_validation + num_test], [num_train, num_train + num_validation]
-                )
-                names = ("training", "validation", "test")
+                # test and validation first: the same held-out digits whatever num_train (limited-data analysis)
+                cuts = [num_test, num_test + num_validation]
+                splits = np.split(order[: num_train + num_validation + num_test], cuts)
+                names = ("test", "validation", "training")
             else:
                 splits, names = [order[:num_test_per_digit]], (f"test_digit_{k}",)
             for name, indices in zip(names, splits):
