@@ -94,7 +94,7 @@ def pair_figure(work: Path, path: Path, pairs: int = 5) -> None:
         for column, (title, image) in enumerate(
             (("moving", moving[0, 0].numpy()), ("fixed", fixed[0, 0].numpy()), ("warped", warped), ("φ", warped_grid))
         ):
-            axes[row, column].imshow(image.T, cmap="gray", origin="lower")
+            axes[row, column].imshow(image, cmap="gray")  # MNIST rows down, columns across, as digits are read
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
             if row == 0:
