@@ -229,3 +229,15 @@ def test_the_specific_error_is_found_under_monai_config_wrappers():
             raise RuntimeError("Failed to evaluate ConfigExpression: $@memory_check") from error
     except RuntimeError as wrapper:
         assert _specific_error(wrapper) is specific
+
+
+def test_a_single_held_out_subject_is_named_with_its_section_and_datalist(tmp_path):
+    from scripts.pairs import held_out_pairs
+
+    image = _save(tmp_path / "a.nii.gz", _image())
+    datalist = tmp_path / "datalist.json"
+    content = {"training": [{"image": image}, {"image": image}], "validation": [{"image": image}]}
+    datalist.write_text(json.dumps(content))
+    expected = re.escape(f"{datalist}: section 'validation' has 1 subject(s); held-out pairs")
+    with pytest.raises(ValueError, match=expected):
+        held_out_pairs(str(datalist), "validation", None, subject_preprocessing(2, 1.0, None))

@@ -213,4 +213,9 @@ def held_out_pairs(
     if pair_mode == "atlas":
         atlas = CacheDataset([load_atlas(datalist, dataset_dir)], transform, progress=False)
         return PairDataset(subjects, mode="atlas", atlas=atlas, atlas_direction=atlas_direction)
+    if len(entries) < 2:
+        raise ValueError(
+            f"{datalist}: section '{section}' has {len(entries)} subject(s); held-out pairs (each subject onto the "
+            f"next) need at least 2: add subjects, list explicit pairs['{section}'], or use pair_mode 'atlas'"
+        )
     return PairDataset(subjects, mode="ring")
