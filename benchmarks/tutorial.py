@@ -4,6 +4,7 @@
     python benchmarks/tutorial.py out-of-sample  # the digit-5 model on every digit class and on a real brain slice
     python benchmarks/tutorial.py regularization # λ over two orders of magnitude: Dice and folding on test pairs
     python benchmarks/tutorial.py limited-data   # 2 ... 400 training digits: Dice on the same test pairs
+    python benchmarks/tutorial.py semi-supervised  # synthetic 2D brains: Dice loss on some of the structures
 
 ``mnist`` runs ``python -m monai.bundle run training`` with ``train.yaml + mnist.yaml`` as a user would (into
 ``--work``), then registers held-out test pairs with the trained model and draws moving / fixed / warped / grid
@@ -11,7 +12,10 @@
 (``evaluating`` with ``--eval_section test_digit_<k>``) and on the OASIS 2D slice pair when ``../shared/data`` is
 there (``inference``, network alone), against no registration (``tutorial_out_of_sample.png``). ``regularization``
 and ``limited-data`` train one model per setting with the same budget (``--sweep_epochs`` x 400 pairs) and score
-them on the same 40 test pairs (``tutorial_regularization.png``, ``tutorial_limited_data.png``). Tables are markdown,
+them on the same 40 test pairs (``tutorial_regularization.png``, ``tutorial_limited_data.png``). ``semi-supervised``
+trains the default synthetic 2D model twice, unsupervised and with a Dice loss on structures 1-3 and 5, and scores
+both on the test pairs per structure, observed (1-3, 5) and unobserved (6-8) (``tutorial_semi_supervised.png``).
+Tables are markdown,
 ready for ``bundle/docs/tutorial.md``; numbers also go to ``<work>/tutorial_results.json``.
 """
 
@@ -175,6 +179,7 @@ def train_and_test(work: Path, name: str, threads: int, epochs: int, overrides: 
         "mnist_dir": work / "mnist_digit5",
         "max_epochs": epochs,
         "val_interval": epochs,
+        "overwrite_model": "true",
         **overrides,
     }
     bundle("training", TRAINING, settings, threads)
@@ -250,13 +255,76 @@ def limited_data(work: Path, threads: int, epochs: int) -> dict:
     return results
 
 
+# the 2D synthetic label maps hold structures 1-3 and 5-8 (none of the 24 subjects has label 4)
+OBSERVED, UNOBSERVED = [1, 2, 3, 5], [6, 7, 8]
+
+
+def semi_supervised(work: Path, threads: int, epochs: int) -> dict:
+    """VoxelMorph's observed/unobserved experiment on the synthetic 2D data (8 structures)."""
+    train_yaml = [str(CONFIGS / "train.yaml")]
+    evaluate = train_yaml + [str(CONFIGS / "evaluate.yaml")]
+    variants = {"unsupervised": {}, "Dice on structures 1-3, 5": {"label_weight": 1.0, "train_label_ids": "[1,2,3,5]"}}
+    results = {}
+    for name, options in variants.items():
+        folder = work / ("semi_" + ("unsupervised" if not options else "dice_observed"))
+        settings = {
+            "output_dir": folder / "runs",
+            "ckpt_dir": folder / "models",
+            "synthetic_dir": work / "synthetic_2d",
+            "max_epochs": epochs,
+            "val_interval": epochs,
+            "overwrite_model": "true",
+            **options,
+        }
+        bundle("training", train_yaml, settings, threads)
+        bundle("evaluating", evaluate, {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}, threads)
+        summary = json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+        per_label = {int(k): v for k, v in summary["registered_dice_per_label"].items()}
+        identity = {int(k): v for k, v in summary["identity_dice_per_label"].items()}
+        results[name] = {
+            "observed": float(np.mean([per_label[i] for i in OBSERVED])),
+            "unobserved": float(np.mean([per_label[i] for i in UNOBSERVED])),
+            "identity_observed": float(np.mean([identity[i] for i in OBSERVED])),
+            "identity_unobserved": float(np.mean([identity[i] for i in UNOBSERVED])),
+            "folded_percent": 100 * summary["registered_folding_fraction"],
+            "pairs": summary["pairs"],
+        }
+    first = next(iter(results.values()))
+    print("| model | Dice, observed structures 1-3, 5 | Dice, unobserved structures 6-8 | folded % |")
+    print("|---|---|---|---|")
+    print(f"| no registration | {first['identity_observed']:.3f} | {first['identity_unobserved']:.3f} | 0.000 |")
+    for name, r in results.items():
+        print(f"| {name} | {r['observed']:.3f} | {r['unobserved']:.3f} | {r['folded_percent']:.3f} |")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    names = ["no registration"] + list(results)
+    observed = [first["identity_observed"]] + [r["observed"] for r in results.values()]
+    unobserved = [first["identity_unobserved"]] + [r["unobserved"] for r in results.values()]
+    x = np.arange(len(names))
+    axis.bar(x - 0.2, observed, 0.4, label="observed structures (1-3, 5)")
+    axis.bar(x + 0.2, unobserved, 0.4, label="unobserved structures (6-8)")
+    axis.set_xticks(x)
+    axis.set_xticklabels(names)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel(f"mean Dice, {first['pairs']} test pairs")
+    axis.legend(loc="lower right")
+    axis.set_title("Semi-supervised: Dice loss on some structures (synthetic 2D)")
+    figure.tight_layout()
+    figure.savefig(DOCS / "tutorial_semi_supervised.png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {DOCS / 'tutorial_semi_supervised.png'}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["mnist", "out-of-sample", "regularization", "limited-data"])
+    parser.add_argument(
+        "experiment", choices=["mnist", "out-of-sample", "regularization", "limited-data", "semi-supervised"]
+    )
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "tutorial"), help="runs, models and data")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sweep_epochs", type=int, default=5, help="epochs per model of the sweeps")
+    parser.add_argument("--brain_epochs", type=int, default=40, help="epochs per synthetic-brain model")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -269,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         pair_figure(work, DOCS / "tutorial_mnist_pairs.png")
     elif args.experiment == "regularization":
         results["regularization"] = regularization(work, args.threads, args.sweep_epochs)
+    elif args.experiment == "semi-supervised":
+        results["semi_supervised"] = semi_supervised(work, args.threads, args.brain_epochs)
     elif args.experiment == "limited-data":
         results["limited_data"] = limited_data(work, args.threads, args.sweep_epochs)
     else:
