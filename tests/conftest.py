@@ -45,3 +45,17 @@ def check_ok(process: subprocess.CompletedProcess) -> str:
     output = process.stdout + process.stderr
     assert process.returncode == 0, output[-6000:]
     return output
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """A checkpoint of the 2D network inference.yaml builds (untrained: only loading and the data path matter)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    parser.update({"spatial_dims": 2})
+    folder = tmp_path_factory.mktemp("models2d")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
+    return folder

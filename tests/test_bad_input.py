@@ -313,17 +313,6 @@ def test_unknown_pair_mode_is_rejected(tmp_path):
 # ---- through the inference CLI: non-zero exit, the file named, nothing written ----
 
 
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    """A checkpoint of the network inference.yaml builds (untrained: only loading has to work)."""
-    parser = ConfigParser()
-    parser.read_config(INFERENCE)
-    parser.update({"spatial_dims": 2})
-    folder = tmp_path_factory.mktemp("models")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
-    return folder
-
-
 def _assert_failed_cleanly(process, message: str, output_dir: Path) -> None:
     output = process.stdout + process.stderr
     assert process.returncode != 0, output[-3000:]

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, check_ok, run_bundle
-from monai.bundle import ConfigParser
 from monai.data import DataLoader
 from scripts import _specific_error
 from scripts.files import atomic_write_json
@@ -158,16 +157,6 @@ def test_training_and_validation_run_on_a_partly_labelled_datalist_with_the_labe
 
 
 # ---- inference output folders hold one run's files; failures say what went wrong last ----
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    parser = ConfigParser()
-    parser.read_config(INFERENCE)
-    parser.update({"spatial_dims": 2})
-    folder = tmp_path_factory.mktemp("models")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
-    return folder
 
 
 def _infer(tmp_path: Path, checkpoint_dir: Path, out: Path, **files: str):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 from conftest import BUNDLE, CONFIGS
 from monai.bundle import ConfigParser
@@ -138,17 +137,7 @@ def _case(index: int, folder: Path) -> tuple[str, dict]:
     return kind, {**paths, **extra}
 
 
-@pytest.fixture(scope="module")
-def model_2d(tmp_path_factory) -> str:
-    parser = ConfigParser()
-    parser.read_config(INFERENCE)
-    parser.update({"spatial_dims": 2})
-    folder = tmp_path_factory.mktemp("models2d")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
-    return str(folder)
-
-
-def _register(files: dict, output_dir: Path, model_2d: str) -> None:
+def _register(files: dict, output_dir: Path, model_2d: Path) -> None:
     parser = ConfigParser()
     parser.read_config(INFERENCE)
     parser.update(
@@ -164,7 +153,7 @@ def _register(files: dict, output_dir: Path, model_2d: str) -> None:
     parser.get_parsed_content("inference")
 
 
-def test_soak_malformed_inputs_register_or_fail_cleanly(tmp_path, model_2d):
+def test_soak_malformed_inputs_register_or_fail_cleanly(tmp_path, checkpoint_dir):
     torch.set_num_threads(1)
     outcomes: collections.Counter = collections.Counter()
     for index in range(CASES):
@@ -173,7 +162,7 @@ def test_soak_malformed_inputs_register_or_fail_cleanly(tmp_path, model_2d):
         kind, files = _case(index, folder)
         output_dir = folder / "out"
         try:
-            _register(files, output_dir, model_2d)
+            _register(files, output_dir, checkpoint_dir)
         except Exception as error:  # noqa: BLE001 - classified below
             specific = _specific_error(error)
             where = f"case {index} ({kind}, {files}): {type(specific).__name__}: {specific}"
