@@ -1,0 +1,212 @@
+"""Evidence for the learned template (``bundle/configs/template.yaml``), printed as markdown tables with figures.
+
+    python benchmarks/template.py synthetic    # synthetic 2D brains: sharpness, atlas-based segmentation, centrality
+
+``synthetic`` trains the template overlay on the default synthetic 2D data twice with the bundle CLI, as a user would
+(``--centrality_weight 0`` and the default), then, with the trained network of the default run:
+
+- sharpness (root-mean-square gradient magnitude) of the learned template and of the voxel-wise mean of the same
+  training images;
+- atlas-based segmentation of the held-out ``test`` subjects (never seen in training or validation): mean Dice of the
+  atlas labels registered onto each subject, for three atlases — the learned template with its majority-vote labels
+  (read back from the files the workflow wrote, through the bundle's preprocessing, as ``pair_mode: atlas`` would), the
+  mean image with the voxel-wise majority of the (unregistered) training labels, and each training subject with its own
+  labels (a randomly chosen subject: mean, worst and best over all of them) — registered and unregistered;
+- centrality: ``mean_x |mean_s u_s(x)|`` (voxels), the mean displacement template -> training subjects, without and
+  with the centrality term;
+- the generator's truth: the synthetic subjects are one template anatomy deformed at random, so the Dice of the learned
+  template's labels with that anatomy says how close the template came to the population's true shape.
+
+Figure: ``bundle/docs/template_synthetic.png``; numbers also go to ``<work>/template_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+DOCS = REPO / "bundle" / "docs"
+sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tutorial import bundle  # noqa: E402
+
+TEMPLATE = [str(CONFIGS / "train.yaml"), str(CONFIGS / "template.yaml")]
+
+
+def latest_run(output_dir: Path) -> Path:
+    runs = sorted((output_dir / "runs").iterdir())
+    if not runs:
+        raise SystemExit(f"no run folder under {output_dir / 'runs'}")
+    return runs[-1]
+
+
+def load_run(configs: list[str], overrides: dict, run_dir: Path):
+    """The trained ``TemplateRegistration`` of ``run_dir`` (final weights), the parser and the preprocessed subjects."""
+    from monai.bundle import ConfigParser
+    from monai.data import Dataset
+
+    from scripts.datalist import load_section
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update({key: str(value) if isinstance(value, Path) else value for key, value in overrides.items()})
+    network = parser.get_parsed_content("template_net")
+    network.load_state_dict(torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True))
+    network.eval()
+    datalist, base = parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    train = list(Dataset(load_section(datalist, "training", base), preprocessing))
+    test = list(Dataset(load_section(datalist, "test", base), preprocessing))
+    return parser, network, train, test, preprocessing
+
+
+def _batch(tensor) -> torch.Tensor:
+    tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+    return tensor.float().unsqueeze(0)
+
+
+@torch.no_grad()
+def segmentation_dice(network, atlas_image, atlas_label, subjects, register: bool = True) -> float:
+    """Mean over ``subjects`` of the mean Dice (labels present in both) of the atlas labels moved onto each subject."""
+    from monai.networks.blocks import Warp
+
+    from scripts.metrics import dice_per_label, labels_to_score
+
+    warp = Warp(mode="nearest", padding_mode="zeros")
+    scores = []
+    for subject in subjects:
+        fixed = _batch(subject["image"])
+        label = _batch(atlas_label)
+        if register:
+            label = warp(label, network(torch.cat([_batch(atlas_image), fixed], dim=1)))
+        fixed_label = subject["label"][0].numpy().round().astype(np.int32)
+        moved = label[0, 0].numpy().round().astype(np.int32)
+        ids = labels_to_score(fixed_label, moved, None)
+        scores.append(float(np.mean(list(dice_per_label(fixed_label, moved, ids).values()))))
+    return float(np.mean(scores))
+
+
+def mode_labels(subjects) -> torch.Tensor:
+    """Voxel-wise majority of the subjects' (unregistered) labels, ``(1, *spatial)``."""
+    labels = torch.stack([s["label"].as_tensor().round().long() for s in subjects])
+    values = torch.unique(labels)
+    counts = torch.stack([(labels == v).sum(dim=0) for v in values])
+    return values[counts.argmax(dim=0)]
+
+
+def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
+    from scripts.metrics import dice_per_label, labels_to_score
+
+    a, b = np.asarray(a).round().astype(np.int32), np.asarray(b).round().astype(np.int32)
+    return float(np.mean(list(dice_per_label(a, b, labels_to_score(a, b, None)).values())))
+
+
+def synthetic(work: Path, threads: int, epochs: int) -> dict:
+    from scripts.datalist import load_atlas
+    from scripts.template import mean_displacement, mean_image, sharpness
+
+    results: dict = {}
+    runs = {}
+    for name, centrality in (("no_centrality", 0.0), ("learned", None)):
+        overrides = {"output_dir": work / name, "max_epochs": epochs, "val_interval": epochs}
+        if centrality is not None:
+            overrides["centrality_weight"] = centrality
+        bundle("training", TEMPLATE, overrides, threads)
+        run_dir = latest_run(work / name)
+        parser, network, train, test, preprocessing = load_run(TEMPLATE, overrides, run_dir)
+        runs[name] = (run_dir, network)
+        results[f"{name}_mean_displacement"] = mean_displacement(network, train)
+    run_dir, network = runs["learned"]
+    atlas = preprocessing(
+        {
+            "image": str(run_dir / "template" / "template.nii.gz"),
+            "label": str(run_dir / "template" / "template_label.nii.gz"),
+        }
+    )
+    mean = mean_image(train)
+    mean_label = mode_labels(train)
+    results["sharpness"] = {"learned": sharpness(atlas["image"]), "mean": sharpness(mean)}
+    rows = {}
+    for register in (False, True):
+        key = "registered" if register else "unregistered"
+        per_subject = [segmentation_dice(network, s["image"], s["label"], test, register) for s in train]
+        rows[key] = {
+            "learned template": segmentation_dice(network, atlas["image"], atlas["label"], test, register),
+            "mean image": segmentation_dice(network, mean, mean_label, test, register),
+            "random subject (mean)": float(np.mean(per_subject)),
+            "random subject (worst)": float(np.min(per_subject)),
+            "random subject (best)": float(np.max(per_subject)),
+        }
+    results["segmentation"] = rows
+    datalist, base = parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir")
+    truth = preprocessing(load_atlas(datalist, base))
+    results["truth_dice"] = {
+        "learned template labels": dice_mean(atlas["label"][0].numpy(), truth["label"][0].numpy()),
+        "mean image labels (voxel-wise majority)": dice_mean(mean_label[0].numpy(), truth["label"][0].numpy()),
+    }
+    results["train_subjects"], results["test_subjects"], results["epochs"] = len(train), len(test), epochs
+
+    print(f"\n{len(train)} training subjects, {len(test)} held-out test subjects, {epochs} epochs\n")
+    print("| image | sharpness (RMS gradient, intensity per voxel) |\n|---|---|")
+    print(f"| voxel-wise mean | {results['sharpness']['mean']:.4f} |")
+    print(f"| learned template | {results['sharpness']['learned']:.4f} |")
+    print("\n| atlas | Dice, unregistered | Dice, registered |\n|---|---|---|")
+    for name in rows["registered"]:
+        print(f"| {name} | {rows['unregistered'][name]:.3f} | {rows['registered'][name]:.3f} |")
+    print("\n| training | mean displacement template -> subjects (voxels) |\n|---|---|")
+    print(f"| without centrality (`--centrality_weight 0`) | {results['no_centrality_mean_displacement']:.3f} |")
+    print(f"| with centrality (default) | {results['learned_mean_displacement']:.3f} |")
+    print("\n| labels in template space | Dice with the generator's true anatomy |\n|---|---|")
+    for name, value in results["truth_dice"].items():
+        print(f"| {name} | {value:.3f} |")
+
+    no_centrality_template = np.asarray(runs["no_centrality"][1].template()[0, 0].detach())
+    panels = [
+        ("voxel-wise mean", mean[0].numpy(), "gray"),
+        ("learned template", atlas["image"][0].numpy(), "gray"),
+        ("its labels (vote)", atlas["label"][0].numpy(), "tab10"),
+        ("generator's anatomy", truth["label"][0].numpy(), "tab10"),
+        ("no centrality term", no_centrality_template, "gray"),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    for axis, (title, image, cmap) in zip(axes, panels):
+        vmax = 1.0 if cmap == "gray" else 9
+        axis.imshow(np.rot90(np.squeeze(image)), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(DOCS / "template_synthetic.png", dpi=100)
+    plt.close(figure)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["synthetic"])
+    parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "template_evidence"), help="runs and models")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    results_path = work / "template_results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results[args.experiment] = synthetic(work, args.threads, args.epochs)
+    results_path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
