@@ -15,7 +15,7 @@ subjects' labels pulled back through ``φ⁻¹``, so the template is an atlas (i
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -274,9 +274,31 @@ def _attribute_of(subject: Mapping) -> int | None:
     return None if value is None else int(torch.as_tensor(value).flatten()[0])
 
 
+def _select(subjects: Sequence[Mapping], attribute: int | None, labelled: bool) -> list[int]:
+    """Indices of the subjects of ``attribute`` (all for None) [with a label], read from the datalist entries of a
+    MONAI dataset where it has them (no loading), else from the items."""
+    entries = getattr(subjects, "data", subjects)
+    chosen = []
+    for index in range(len(subjects)):
+        entry = entries[index]
+        if labelled and (entry.get("label") is None or not bool(entry.get("label_present", True))):
+            continue
+        if attribute is not None and _attribute_of(entry) != attribute:
+            continue
+        chosen.append(index)
+    return chosen
+
+
+def _batches(subjects: Sequence[Mapping], indices: list[int], key: str, size: int, device) -> Iterator[torch.Tensor]:
+    """``subjects[i][key]`` for ``i`` in ``indices``, stacked ``size`` at a time: ``(b, 1, *spatial)`` float."""
+    for start in range(0, len(indices), size):
+        items = [subjects[i] for i in indices[start : start + size]]
+        yield torch.stack([_plain(item[key]).float() for item in items]).to(device)
+
+
 @torch.no_grad()
 def propagate_labels(
-    network: nn.Module, subjects: Sequence[Mapping], attribute: int | None = None
+    network: nn.Module, subjects: Sequence[Mapping], attribute: int | None = None, batch_size: int = 32
 ) -> torch.Tensor | None:
     """Majority vote of the training labels pulled back into template space: ``(1, 1, *spatial)`` int, or None.
 
@@ -285,24 +307,21 @@ def propagate_labels(
     """
     network = _unwrap(network)
     network.eval()
+    indices = _select(subjects, attribute, labelled=True)
+    if not indices:
+        return None
+    device = network.template.base.device
     warp = Warp(mode="nearest", padding_mode="zeros")
     votes: dict[int, torch.Tensor] = {}
-    for subject in subjects:
-        if subject.get("label") is None or not bool(subject.get("label_present", True)):
-            continue
-        if attribute is not None and _attribute_of(subject) != attribute:
-            continue
-        device = network.template.base.device
-        image = _plain(subject["image"]).float().unsqueeze(0).to(device)
-        label = _plain(subject["label"]).float().unsqueeze(0).to(device)
-        code = None if attribute is None else torch.tensor([attribute])
+    images = _batches(subjects, indices, "image", batch_size, device)
+    labels = _batches(subjects, indices, "label", batch_size, device)
+    for image, label in zip(images, labels):
+        code = None if attribute is None else torch.full((len(image),), attribute)
         _, _, inverse_ddf = _template_and_fields(network, image, code)
         pulled = warp(label, inverse_ddf).round().long()
         for value in torch.unique(pulled).tolist():
-            votes.setdefault(value, torch.zeros_like(pulled, dtype=torch.int32))
-            votes[value] += (pulled == value).int()
-    if not votes:
-        return None
+            count = (pulled == value).int().sum(dim=0, keepdim=True)
+            votes[value] = count if value not in votes else votes[value] + count
     values = sorted(votes)
     counts = torch.stack([votes[v] for v in values])
     return torch.as_tensor(values, device=counts.device)[counts.argmax(dim=0)]
@@ -354,21 +373,22 @@ class TemplateEvalStep(RegistrationEvalStep):
         return super().__call__(engine, pair)
 
 
-def mean_displacement(network: nn.Module, subjects: Sequence[Mapping]) -> float:
+@torch.no_grad()
+def mean_displacement(network: nn.Module, subjects: Sequence[Mapping], batch_size: int = 32) -> float:
     """Centrality of the template: ``mean_x |mean_s u_s(x)|`` in voxels, ``u_s`` the displacement template -> ``s``."""
     network = _unwrap(network)
-    template = network.template
     network.eval()
-    total = None
-    with torch.no_grad():
-        for subject in subjects:
-            image = _plain(subject["image"]).float().unsqueeze(0).to(template.base.device)
-            attribute = _attribute_of(subject) if template.num_attributes > 0 else None
-            code = None if attribute is None else torch.tensor([attribute])
+    total, count = None, 0
+    conditional = network.template.num_attributes > 0
+    for attribute in range(network.template.num_attributes) if conditional else [None]:
+        indices = _select(subjects, attribute, labelled=False)
+        for image in _batches(subjects, indices, "image", batch_size, network.template.base.device):
+            code = None if attribute is None else torch.full((len(image),), attribute)
             _, ddf, _ = _template_and_fields(network, image, code)
-            total = ddf if total is None else total + ddf
-    mean = total / len(subjects)
-    return float(mean.pow(2).sum(dim=1).sqrt().mean())
+            total = ddf.sum(dim=0) if total is None else total + ddf.sum(dim=0)
+            count += len(image)
+    mean = total / count
+    return float(mean.pow(2).sum(dim=0).sqrt().mean())
 
 
 def _affine_4x4(affine: torch.Tensor | np.ndarray) -> np.ndarray:
