@@ -143,6 +143,16 @@ def infer(base: str, image_id: str, model: str = MODEL) -> tuple[int, str, bytes
     return status, content_type, body, time.perf_counter() - start
 
 
+def to_atlas_ids(params: dict, pred: np.ndarray) -> np.ndarray:
+    """``pred``'s values 1..N back to the atlas' label ids, through the answer's ``label_names`` (name -> value) and
+    ``atlas_label_ids`` (name -> atlas id)."""
+    values = params["label_names"]
+    lookup = np.zeros(max(values.values()) + 1, dtype=np.int64)
+    for name, value in values.items():
+        lookup[value] = params["atlas_label_ids"][name]
+    return lookup[pred]
+
+
 def mean_dice(reference: np.ndarray, candidate: np.ndarray, label_ids: list[int]) -> float:
     """Mean Dice over ``label_ids`` (the bundle's ``dice_per_label``: a structure missing from one map scores 0)."""
     sys.path.insert(0, str(REPO / "bundle"))
@@ -203,7 +213,7 @@ def main() -> None:
                 if status != 200:
                     raise SystemExit(f"request failed ({status}): {body[:2000]!r}\n{_log_tail(log)}")
                 params, label = parse_infer_answer(content_type, body)
-                warped = np.asarray(label.dataobj)
+                warped = to_atlas_ids(params, np.asarray(label.dataobj))
                 registration = params["registration"]
                 print(
                     f"request {repeat + 1}: {seconds:.1f} s (server: registration {registration['seconds']:.1f} s, "

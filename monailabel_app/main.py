@@ -2,7 +2,9 @@
 
 The image an annotator selects is the *fixed* image; the atlas (an image, its label map and a label-name table) is
 the *moving* one. The bundle registers the atlas onto the image (shipped 3D model + test-time refinement, run through
-``bundle/configs/inference.yaml``) and the answer, ``pred``, is the atlas label map warped onto the image's own grid.
+``bundle/configs/inference.yaml``) and the answer, ``pred``, is the atlas label map warped onto the image's own grid
+(shape and affine of the image file), its structures numbered 1..N with ``label_names`` {name: value} (see
+``Atlas.values`` for why not the atlas' own ids; the answer's ``atlas_label_ids`` maps names back to them).
 
     monailabel start_server --app monailabel_app --studies STUDIES \\
         --conf atlas_image ATLAS.nii.gz --conf atlas_label ATLAS_seg.nii.gz \\
@@ -57,13 +59,25 @@ class Atlas(NamedTuple):
     """The moving side of every request.
 
     ``image``/``label``: NIfTI files on one grid (the label map holds integer ids, 0 = background);
-    ``names``: label id -> structure name, the structures returned (other ids of ``label`` come back as 0).
+    ``names``: atlas label id -> structure name, the structures returned (other ids of ``label`` come back as 0).
     (A NamedTuple: MONAI Label loads main.py without registering it in ``sys.modules``, which dataclasses need.)
     """
 
     image: str
     label: str
     names: dict[int, str]
+
+    @property
+    def values(self) -> dict[int, int]:
+        """Atlas label id -> value in ``pred``: 1..N in id order. 3D Slicer's MONAI Label module imports label value
+        ``k`` as the ``k``-th name of ``label_names`` sorted by value, so values must be consecutive from 1 (an
+        aseg atlas' ids 2, 3, 4, 5, 7, ... would otherwise be shown under the wrong names)."""
+        return {atlas_id: value for value, atlas_id in enumerate(sorted(self.names), start=1)}
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """``{name: value in pred}``: MONAI Label's ``labels`` / ``label_names``."""
+        return {self.names[atlas_id]: value for atlas_id, value in self.values.items()}
 
 
 def read_label_names(path: str, label_ids: list[int]) -> dict[int, str]:
@@ -187,7 +201,7 @@ class AtlasRegistrationTask(BasicInferTask):
             path=str(self.bundle_root / "models" / "model.pt"),
             network=None,
             type=InferType.SEGMENTATION,
-            labels={name: i for i, name in atlas.names.items()},
+            labels=atlas.labels,
             dimension=self.atlas_dims,
             description=(
                 f"Atlas-based segmentation: registers the atlas {os.path.basename(atlas.image)} onto the image "
@@ -261,19 +275,25 @@ class AtlasRegistrationTask(BasicInferTask):
         return data
 
     def _named_labels(self, warped_label: str) -> str:
-        """The warped atlas labels with unnamed ids set to 0, as a temporary file (the server removes it once sent)."""
+        """The warped atlas labels as values 1..N (``Atlas.values``; unnamed ids 0), in a temporary file (the server
+        removes it once sent)."""
         image = nib.load(warped_label)
-        labels = np.asarray(image.dataobj).astype(np.int16)
-        labels[~np.isin(labels, list(self.atlas.names))] = 0
+        atlas_ids = np.asarray(image.dataobj).astype(np.int64)
+        lookup = np.zeros(max(int(atlas_ids.max()), max(self.atlas.names)) + 1, dtype=np.int16)
+        for atlas_id, value in self.atlas.values.items():
+            lookup[atlas_id] = value
+        labels = lookup[np.clip(atlas_ids, 0, None)]
         handle, path = tempfile.mkstemp(prefix="atlas-labels-", suffix=".nii.gz")
         os.close(handle)
         return self.scripts.writer.save_nifti_atomic(labels, image.affine, path)
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
-        """The label file and the result JSON (the bundle's timings and refinement report, the atlas files)."""
+        """The label file and the result JSON (the bundle's timings and refinement report, the atlas files, and
+        ``atlas_label_ids``: name -> the structure's id in the atlas label map)."""
         record = data.get("registration", {})
         return data["pred"], {
             "atlas": {"image": self.atlas.image, "label": self.atlas.label},
+            "atlas_label_ids": {name: atlas_id for atlas_id, name in self.atlas.names.items()},
             "registration": {key: value for key, value in record.items() if key not in ("moving", "fixed")},
         }
 

@@ -64,8 +64,12 @@ def _assert_still_answering(server: SimpleNamespace) -> None:
     assert status == 200, f"/info/ answered {status} after a bad request:\n{client._log_tail(server.log)}"
 
 
-def _label_names() -> dict[str, int]:
-    return {name: int(i) for i, name in json.loads(client.LABEL_NAMES.read_text()).items()}
+def _expected_labels() -> tuple[dict[str, int], dict[str, int]]:
+    """``({name: value in pred}, {name: atlas id})``: the table's structures present in the atlas, values 1..N."""
+    present = set(np.unique(np.asarray(nib.load(DATA / "subject_b_label.nii.gz").dataobj)).tolist())
+    table = {int(i): name for i, name in json.loads(client.LABEL_NAMES.read_text()).items() if int(i) in present}
+    ordered = sorted(table)
+    return {table[i]: value for value, i in enumerate(ordered, start=1)}, {table[i]: i for i in ordered}
 
 
 def test_info_lists_the_atlas_model_with_the_atlas_label_names(server):
@@ -74,8 +78,7 @@ def test_info_lists_the_atlas_model_with_the_atlas_label_names(server):
     model = json.loads(body)["models"].get(client.MODEL)
     assert model is not None, f"/info/ lists no {client.MODEL}: {json.loads(body)['models']}"
     assert model["type"] == "segmentation" and model["dimension"] == 3
-    atlas_ids = set(np.unique(np.asarray(nib.load(DATA / "subject_b_label.nii.gz").dataobj)).tolist()) - {0}
-    assert model["labels"] == {name: i for name, i in _label_names().items() if i in atlas_ids}
+    assert model["labels"] == _expected_labels()[0]
 
 
 def test_infer_returns_the_registered_atlas_labels_on_the_image_grid(server):
@@ -85,10 +88,11 @@ def test_infer_returns_the_registered_atlas_labels_on_the_image_grid(server):
     fixed = nib.load(DATA / "subject_a_image.nii.gz")
     assert label.shape == fixed.shape
     np.testing.assert_allclose(label.affine, fixed.affine, atol=1e-5)
-    warped = np.asarray(label.dataobj)
-    names = _label_names()
-    assert set(np.unique(warped).tolist()) - {0} <= set(names.values())
-    assert params["label_names"] == {name: i for name, i in names.items() if i in set(params["label_names"].values())}
+    values, atlas_ids = _expected_labels()
+    assert params["label_names"] == values and params["atlas_label_ids"] == atlas_ids
+    pred = np.asarray(label.dataobj)
+    assert set(np.unique(pred).tolist()) <= {0, *values.values()}
+    warped = client.to_atlas_ids(params, pred)
     reference = np.asarray(nib.load(DATA / "subject_a_label.nii.gz").dataobj)
     atlas = np.asarray(nib.load(DATA / "subject_b_label.nii.gz").dataobj)
     ids = client.eval_label_ids(DATA)
