@@ -37,12 +37,14 @@ requires_monailabel = pytest.mark.skipif(
     importlib.util.find_spec("monailabel") is None,
     reason="monailabel is not installed: pip install --no-deps -r requirements-monailabel.txt",
 )
-pytestmark = [requires_shared_data, requires_monailabel]
+pytestmark = requires_monailabel  # the tests that use the server also need ../shared/data (skipped without)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """A running server for this module's tests, stopped (process group killed) when they end, whatever happens."""
+    if requires_shared_data.args[0]:
+        pytest.skip(requires_shared_data.kwargs["reason"])
     work = tmp_path_factory.mktemp("monailabel")
     studies = work / "studies"
     studies.mkdir()
@@ -133,3 +135,40 @@ def test_a_server_without_an_atlas_fails_at_start_naming_the_conf_keys(tmp_path:
     with pytest.raises(RuntimeError, match="atlas_image"):
         with client.running_server(tmp_path, {}, tmp_path / "server.log", threads=THREADS, timeout=120):
             pass
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    """monailabel_app/main.py loaded as MONAI Label loads it (by file path, not as a package)."""
+    module_spec = importlib.util.spec_from_file_location("monailabel_app_main", REPO / "monailabel_app" / "main.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "is not a JSON file"),
+        ("[1, 2]", "must hold a non-empty JSON object"),
+        ('{"x": "Hippocampus"}', "positive integer id"),
+        ('{"0": "Background"}', "positive integer id"),
+        ('{"3": ""}', "positive integer id"),
+        ('{"3": "Cortex", "42": "Cortex"}', "names must be unique"),
+    ],
+    ids=["not-json", "not-an-object", "non-integer-id", "zero-id", "empty-name", "duplicate-name"],
+)
+def test_a_bad_label_name_table_is_refused_naming_the_file(app_module, tmp_path, content, message):
+    path = tmp_path / "names.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        app_module.read_label_names(str(path), [0, 3, 42])
+    assert str(path) in str(error.value)
+
+
+def test_without_a_table_every_atlas_id_gets_a_name_and_values_run_from_one(app_module):
+    names = app_module.read_label_names("", [0, 2, 3, 41])
+    assert names == {2: "label_2", 3: "label_3", 41: "label_41"}
+    atlas = app_module.Atlas(image="a.nii.gz", label="a_seg.nii.gz", names={41: "R", 2: "L", 3: "C"})
+    assert atlas.values == {2: 1, 3: 2, 41: 3}
+    assert atlas.labels == {"L": 1, "C": 2, "R": 3}
