@@ -149,7 +149,8 @@ def rule_code_checks() -> list[str]:
     if not os.path.isfile(ruff):
         return ["ruff (requirements.txt) is not installed"]
     problems = []
-    for command in ([ruff, "check", "bundle", "tests", "benchmarks"], [ruff, "format", "--check", "bundle", "tests"]):
+    checked = ["bundle", "tests", "benchmarks", "monailabel_app"]
+    for command in ([ruff, "check", *checked], [ruff, "format", "--check", *checked]):
         process = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if process.returncode != 0:
             problems.append(f"{' '.join(command[1:])}: {(process.stdout + process.stderr).strip()[-1500:]}")
