@@ -163,3 +163,29 @@ def test_template_overlay_writes_a_sharp_template_usable_as_an_atlas(tmp_path):
     # held-out subjects segmented with the template: registration beats placing its labels as they are
     summary = json.loads(next(run_dir.rglob("validation/metrics.json")).read_text())["summary"]
     assert summary["registered_mean_dice"] > summary["identity_mean_dice"] + 0.05, summary
+
+
+def test_conditional_label_vote_uses_only_the_subjects_of_each_attribute():
+    subjects = _subjects(6)
+    for index, subject in enumerate(subjects):
+        subject["attribute"] = index % 2
+        subject["label"] = torch.full_like(subject["label"], 1 + index % 2)  # attribute a: every voxel is a + 1
+    network = _network(mean_image(subjects), num_attributes=2)
+    for attribute in (0, 1):
+        vote = propagate_labels(network, subjects, attribute)
+        assert vote is not None and set(torch.unique(vote[..., 4:-4, 4:-4]).tolist()) == {attribute + 1}
+    assert propagate_labels(network, [{**s, "label": None} for s in subjects], 0) is None  # no labels: no atlas labels
+
+
+def test_mnist_classes_dataset_gives_every_entry_its_digit_as_attribute(tmp_path):
+    from scripts.mnist import ensure_mnist_classes_dataset
+
+    datalist = json.loads(
+        open(ensure_mnist_classes_dataset(str(tmp_path / "m"), 3, 1, 2, seed=0)).read()  # train, validation, test
+    )
+    assert [len(datalist[s]) for s in ("training", "validation", "test")] == [30, 10, 20]
+    for section in ("training", "validation", "test"):
+        for entry in datalist[section]:
+            assert entry["image"].startswith(f"digit{entry['attribute']}_")
+    held_out = {e["image"] for s in ("validation", "test") for e in datalist[s]}
+    assert not held_out & {e["image"] for e in datalist["training"]}
