@@ -2,6 +2,7 @@
 
     python benchmarks/template.py synthetic    # synthetic 2D brains: sharpness, atlas-based segmentation, centrality
     python benchmarks/template.py mnist        # conditional template: one MNIST template per digit class
+    python benchmarks/template.py sizes        # conditional template of synthetic brains of three known sizes
 
 ``synthetic`` trains the template overlay on the default synthetic 2D data twice with the bundle CLI, as a user would
 (``--centrality_weight 0`` and the default), then, with the trained network of the default run:
@@ -23,7 +24,12 @@ draws, per digit, the voxel-wise mean of its training digits above its learned t
 sharpness of both and the Dice of the template's foreground (majority vote) registered onto the held-out test digits
 of that class, against no registration.
 
-Figures: ``bundle/docs/template_synthetic.png``, ``bundle/docs/template_mnist.png``; numbers also go to
+``sizes`` generates synthetic 2D brains in three size classes (``--synthetic#num_size_classes 3``: the anatomy scaled
+by 0.88, 1.00, 1.12 before each subject's random deformation, the class as attribute), trains the conditional overlay
+on them, and compares each class's template labels with the generator's anatomy scaled by that class's factor (the
+known answer): foreground area and Dice, against the voxel-wise majority of the class's unregistered training labels.
+
+Figures: ``bundle/docs/template_synthetic.png``, ``template_mnist.png``, ``template_sizes.png``; numbers also go to
 ``<work>/template_results.json``.
 """
 
@@ -202,6 +208,67 @@ def synthetic(work: Path, threads: int, epochs: int) -> dict:
     return results
 
 
+def sizes(work: Path, threads: int, epochs: int, reuse: bool = False) -> dict:
+    from scripts.synthetic import SyntheticSpec, generate_subjects, scaled_anatomy, size_class
+
+    overrides = {
+        "output_dir": work / "sizes",
+        "synthetic_dir": work / "synthetic_sizes",
+        "synthetic#num_size_classes": 3,
+        "template_attributes": 3,
+    }
+    if epochs:
+        overrides.update(max_epochs=epochs, val_interval=epochs, template_interval=epochs)
+    if not (reuse and (work / "sizes" / "runs").is_dir()):
+        bundle("training", TEMPLATE, overrides, threads)
+    run_dir = latest_run(work / "sizes")
+    parser, network, train, test, preprocessing = load_run(TEMPLATE, overrides, run_dir)
+    spec = SyntheticSpec(**parser.get_parsed_content("synthetic"))
+    _, (_, anatomy) = generate_subjects(spec)
+    results: dict = {}
+    figure, axes = plt.subplots(3, 3, figsize=(7.5, 7.8))
+    for k in range(3):
+        scale = [size_class(spec, i)[1] for i in range(k, spec["num_subjects"], 3)][0]
+        truth = scaled_anatomy(anatomy, scale)
+        folder = run_dir / "template"
+        image = np.squeeze(nib.load(folder / f"template_{k}.nii.gz").get_fdata())
+        vote = np.squeeze(nib.load(folder / f"template_{k}_label.nii.gz").get_fdata()).round().astype(int)
+        majority = mode_labels([s for s in train if int(s["attribute"]) == k])[0].numpy()
+        results[str(k)] = {
+            "scale": scale,
+            "training_subjects": sum(int(s["attribute"]) == k for s in train),
+            "area_truth": int((truth > 0).sum()),
+            "area_template": int((vote > 0).sum()),
+            "area_majority": int((majority > 0).sum()),
+            "dice_template": dice_mean(vote, truth),
+            "dice_majority": dice_mean(majority, truth),
+        }
+        for row, (title, picture, cmap) in enumerate(
+            (
+                (f"template, class {k}", image, "gray"),
+                ("its vote labels", vote, "tab10"),
+                (f"truth (x{scale:.2f})", truth, "tab10"),
+            )
+        ):
+            vmax = float(np.percentile(picture, 99.5)) if cmap == "gray" else 9
+            axes[row, k].imshow(np.rot90(picture), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+            axes[row, k].set_title(title, fontsize=9)
+            axes[row, k].axis("off")
+    figure.tight_layout()
+    figure.savefig(DOCS / "template_sizes.png", dpi=100)
+    plt.close(figure)
+    print(
+        "\n| class | scale | training subjects | area: truth | area: template | area: majority | Dice: template |"
+        " Dice: majority |\n|---|---|---|---|---|---|---|---|"
+    )
+    for k, row in results.items():
+        print(
+            f"| {k} | {row['scale']:.2f} | {row['training_subjects']} | {row['area_truth']} | {row['area_template']} | "
+            f"{row['area_majority']} | {row['dice_template']:.3f} | {row['dice_majority']:.3f} |"
+        )
+    return results
+
+
 MNIST = [str(CONFIGS / n) for n in ("train.yaml", "mnist.yaml", "template.yaml", "template_mnist.yaml")]
 
 
@@ -256,11 +323,11 @@ def mnist(work: Path, threads: int, epochs: int, reuse: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["synthetic", "mnist"])
+    parser.add_argument("experiment", choices=["synthetic", "mnist", "sizes"])
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "template_evidence"), help="runs and models")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=0, help="training epochs (0: the overlay's own)")
-    parser.add_argument("--reuse", action="store_true", help="mnist: score the latest run in --work, no training")
+    parser.add_argument("--reuse", action="store_true", help="mnist, sizes: score the latest run in --work")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -269,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if args.experiment == "synthetic":
         results["synthetic"] = synthetic(work, args.threads, args.epochs)
+    elif args.experiment == "sizes":
+        results["sizes"] = sizes(work, args.threads, args.epochs, args.reuse)
     else:
         results["mnist"] = mnist(work, args.threads, args.epochs, args.reuse)
     results_path.write_text(json.dumps(results, indent=1))

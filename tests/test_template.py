@@ -189,3 +189,20 @@ def test_mnist_classes_dataset_gives_every_entry_its_digit_as_attribute(tmp_path
             assert entry["image"].startswith(f"digit{entry['attribute']}_")
     held_out = {e["image"] for s in ("validation", "test") for e in datalist[s]}
     assert not held_out & {e["image"] for e in datalist["training"]}
+
+
+def test_synthetic_size_classes_give_a_known_attribute_and_leave_the_default_population_alone(tmp_path):
+    from scripts.synthetic import ensure_synthetic_dataset, scaled_anatomy, size_class
+
+    spec = SyntheticSpec(spatial_dims=2, shape=[48, 48], num_subjects=12, num_size_classes=3)
+    subjects, (_, anatomy) = generate_subjects(spec)
+    areas = {k: np.mean([(subjects[i][1] > 0).sum() for i in range(k, 12, 3)]) for k in range(3)}
+    assert areas[0] < areas[1] < areas[2]  # the class is the size the generator gave the anatomy
+    assert [size_class(spec, i)[0] for i in range(4)] == [0, 1, 2, 0]
+    assert (scaled_anatomy(anatomy, 1.12) > 0).sum() > (anatomy > 0).sum() > (scaled_anatomy(anatomy, 0.88) > 0).sum()
+    entries = json.loads(open(ensure_synthetic_dataset(str(tmp_path / "s"), spec)).read())["training"]
+    assert all(entry["attribute"] == int(entry["image"][8:11]) % 3 for entry in entries)
+    # without size classes nothing changes: same subjects as the plain spec, no attribute in the datalist
+    plain, _ = generate_subjects(SyntheticSpec(spatial_dims=2, shape=[48, 48], num_subjects=12))
+    same, _ = generate_subjects(SyntheticSpec(spatial_dims=2, shape=[48, 48], num_subjects=12, num_size_classes=0))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(plain, same))

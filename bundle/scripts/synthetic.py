@@ -21,7 +21,7 @@ import numpy as np
 import torch.distributed
 from scipy import ndimage
 
-__all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects"]
+__all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects", "scaled_anatomy", "size_class"]
 
 PARAMS_FILE = "synthetic.json"
 # Bump when the generator's output changes, so copies written by an older version are regenerated.
@@ -41,6 +41,8 @@ class SyntheticSpec(dict):
         num_validation: int = 4,
         num_test: int = 4,
         max_displacement: float = 0.12,
+        num_size_classes: int = 0,
+        size_step: float = 0.12,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -61,6 +63,8 @@ class SyntheticSpec(dict):
             num_validation=int(num_validation),
             num_test=int(num_test),
             max_displacement=float(max_displacement),
+            num_size_classes=int(num_size_classes),
+            size_step=float(size_step),
         )
 
 
@@ -88,10 +92,28 @@ def _random_deformation(rng: np.random.Generator, shape: Sequence[int], max_disp
     return ddf * (max_displacement * min(shape) / peak)
 
 
-def _warp(volume: np.ndarray, ddf: np.ndarray, order: int) -> np.ndarray:
+def _warp(volume: np.ndarray, ddf: np.ndarray, order: int, scale: float = 1.0) -> np.ndarray:
+    """``volume(c + (x + u(x) - c) / scale)``: the displacement ``ddf``, then a scaling about the centre ``c``."""
     grid = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in volume.shape], indexing="ij")
-    coords = [g + d for g, d in zip(grid, ddf)]
+    centre = [(n - 1) / 2.0 for n in volume.shape]
+    coords = [c + (g + d - c) / scale for g, d, c in zip(grid, ddf, centre)]
     return ndimage.map_coordinates(volume, coords, order=order, mode="nearest")
+
+
+def size_class(spec: SyntheticSpec, index: int) -> tuple[int | None, float]:
+    """``(attribute, scale)`` of subject ``index``: with ``num_size_classes = K > 0`` subject ``i`` has class
+    ``i mod K`` and its anatomy is the template scaled by ``1 + size_step · (class - (K-1)/2)`` about the centre
+    (a known attribute for conditional templates); otherwise ``(None, 1.0)``."""
+    classes = spec.get("num_size_classes", 0)
+    if not classes:
+        return None, 1.0
+    attribute = index % classes
+    return attribute, 1.0 + spec["size_step"] * (attribute - (classes - 1) / 2.0)
+
+
+def scaled_anatomy(labels: np.ndarray, scale: float) -> np.ndarray:
+    """``labels`` scaled by ``scale`` about the centre (nearest neighbour): ``A(x) = T(c + (x - c) / scale)``."""
+    return _warp(labels, np.zeros((labels.ndim, *labels.shape)), order=0, scale=scale)
 
 
 def _render_image(rng: np.random.Generator, labels: np.ndarray, label_means: np.ndarray, jitter: float) -> np.ndarray:
@@ -114,9 +136,9 @@ def generate_subjects(spec: SyntheticSpec) -> tuple[list[tuple[np.ndarray, np.nd
     label_means = np.concatenate([[0.0], rng.permutation(np.linspace(0.25, 1.0, spec["num_labels"]))])
     atlas = (_render_image(rng, template, label_means, jitter=0.0), template)
     subjects = []
-    for _ in range(spec["num_subjects"]):
+    for index in range(spec["num_subjects"]):
         ddf = _random_deformation(rng, shape, spec["max_displacement"])
-        label = _warp(template, ddf, order=0).astype(np.int16)
+        label = _warp(template, ddf, order=0, scale=size_class(spec, index)[1]).astype(np.int16)
         subjects.append((_render_image(rng, label, label_means, jitter=0.04), label))
     return subjects, atlas
 
@@ -163,6 +185,9 @@ def _generate(root_path: Path, spec: SyntheticSpec) -> None:
         entries = []
         for index, (image, label) in enumerate(subjects):
             entry = {"image": f"subject_{index:03d}_image.nii.gz", "label": f"subject_{index:03d}_label.nii.gz"}
+            attribute = size_class(spec, index)[0]
+            if attribute is not None:
+                entry["attribute"] = attribute
             _save_nifti(image, staging / entry["image"])
             _save_nifti(label, staging / entry["label"])
             entries.append(entry)
