@@ -18,7 +18,7 @@ from torch import nn
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
-__all__ = ["RegistrationLoss", "RegistrationTrainStep", "RegistrationEvalStep", "check_finite_loss", "one_hot_labels"]
+__all__ = ["RegistrationLoss", "RegistrationTrainStep", "RegistrationEvalStep", "optimizer_step", "one_hot_labels"]
 
 
 def one_hot_labels(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
@@ -108,16 +108,9 @@ class RegistrationTrainStep:
                     labels["warped_label"] = self.warp(one_hot_labels(moving_label, ids), ddf[keep])
                     labels["fixed_label"] = one_hot_labels(batch["fixed_label"].to(device)[keep], ids)
             terms = self.loss(warped, fixed, ddf, **labels)
-        check_finite_loss(
+        optimizer_step(
             terms, engine, f"pair {list(batch.get('moving_name', []))} -> {list(batch.get('fixed_name', []))}"
         )
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(terms["loss"]).backward()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            terms["loss"].backward()
-            engine.optimizer.step()
         output = {name: value.item() for name, value in terms.items()}
         output.update(
             fixed_image=fixed.detach(), moving_image=moving.detach(), warped_image=warped.detach(), ddf=ddf.detach()
@@ -125,15 +118,22 @@ class RegistrationTrainStep:
         return output
 
 
-def check_finite_loss(terms: Mapping[str, torch.Tensor], engine, what: str) -> None:
-    """Stop before the optimiser step on a non-finite loss: that update would corrupt the weights checkpoints save."""
-    if torch.isfinite(terms["loss"]):
-        return
-    values = {name: float(value) for name, value in terms.items()}
-    raise FloatingPointError(
-        f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({what}): {values}; "
-        "lower learning_rate or check the images"
-    )
+def optimizer_step(terms: Mapping[str, torch.Tensor], engine, what: str) -> None:
+    """Backward and optimiser step on ``terms["loss"]`` (through the engine's AMP scaler when it has one), shared by
+    every train step; stops first on a non-finite loss, whose update would corrupt the weights checkpoints save."""
+    if not torch.isfinite(terms["loss"]):
+        values = {name: float(value) for name, value in terms.items()}
+        raise FloatingPointError(
+            f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({what}): {values}; "
+            "lower learning_rate or check the images"
+        )
+    if engine.amp and engine.scaler is not None:
+        engine.scaler.scale(terms["loss"]).backward()
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        terms["loss"].backward()
+        engine.optimizer.step()
 
 
 def _labelled_pair(batch: Mapping, i: int) -> bool:

@@ -26,7 +26,7 @@ from monai.networks.blocks import Warp
 from torch import nn
 
 from .files import atomic_output, logger
-from .registration_step import RegistrationEvalStep, check_finite_loss
+from .registration_step import RegistrationEvalStep, optimizer_step
 
 __all__ = [
     "LearnedTemplate",
@@ -241,14 +241,7 @@ class TemplateTrainStep:
         with torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
             images, ddf, inverse_ddf = _template_and_fields(engine.network, subject, batch_attributes(batch))
             terms = self.loss(images, subject, ddf, inverse_ddf)
-        check_finite_loss(terms, engine, "subjects " + str(_names(batch)))
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(terms["loss"]).backward()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            terms["loss"].backward()
-            engine.optimizer.step()
+        optimizer_step(terms, engine, "subjects " + str(_names(batch)))
         output = {name: value.item() for name, value in terms.items()}
         with torch.no_grad():
             warped = self.warp(images, ddf)
