@@ -5,6 +5,8 @@
     python benchmarks/tutorial.py regularization # λ over two orders of magnitude: Dice and folding on test pairs
     python benchmarks/tutorial.py limited-data   # 2 ... 400 training digits: Dice on the same test pairs
     python benchmarks/tutorial.py semi-supervised  # synthetic 2D brains: Dice loss on some of the structures
+    python benchmarks/tutorial.py brains2d       # step 2: train on synthetic 2D brains, register them and real slices
+    python benchmarks/tutorial.py limited-data-brains  # 2 ... 64 synthetic training brains: Dice on the same tests
 
 ``mnist`` runs ``python -m monai.bundle run training`` with ``train.yaml + mnist.yaml`` as a user would (into
 ``--work``), then registers held-out test pairs with the trained model and draws moving / fixed / warped / grid
@@ -15,6 +17,13 @@ and ``limited-data`` train one model per setting with the same budget (``--sweep
 them on the same 40 test pairs (``tutorial_regularization.png``, ``tutorial_limited_data.png``). ``semi-supervised``
 trains the default synthetic 2D model twice, unsupervised and with a Dice loss on structures 1-3 and 5, and scores
 both on the test pairs per structure, observed (1-3, 5) and unobserved (6-8) (``tutorial_semi_supervised.png``).
+``brains2d`` is the tutorial's second step: the default training (``train.yaml``, synthetic 2D brains), its
+evaluation on the test pairs, and the README's inference command on a synthetic test pair and on the real OASIS
+slice pair (network alone and with the default refinement), drawn as moving / fixed / warped / labels
+(``tutorial_brains2d.png``). ``limited-data-brains`` generates one population of 76 synthetic 2D brains (64
+training, 4 validation, 8 test subjects), trains one model on the first 2, 4, 8, 16 and 64 training subjects with
+the same budget (``--brain_epochs`` x 160 pairs; a datalist per size, passed with ``--datalist`` as a user would)
+and scores each on the same 8 test pairs (``tutorial_limited_data_brains.png``).
 Tables are markdown,
 ready for ``bundle/docs/tutorial.md``; numbers also go to ``<work>/tutorial_results.json``.
 """
@@ -39,6 +48,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 DOCS = REPO / "bundle" / "docs"
+FIGURES = DOCS  # where the figures go (--figures_dir; tests draw into a temporary folder)
 TRAINING = [str(CONFIGS / "train.yaml"), str(CONFIGS / "mnist.yaml")]
 sys.path.insert(0, str(REPO / "bundle"))
 
@@ -164,9 +174,9 @@ def out_of_sample(work: Path, threads: int, data: Path) -> dict:
     axis.legend()
     axis.set_title("A model trained on 5s, registering other digits and a brain slice")
     figure.tight_layout()
-    figure.savefig(DOCS / "tutorial_out_of_sample.png", dpi=90)
+    figure.savefig(FIGURES / "tutorial_out_of_sample.png", dpi=90)
     plt.close(figure)
-    print(f"wrote {DOCS / 'tutorial_out_of_sample.png'}")
+    print(f"wrote {FIGURES / 'tutorial_out_of_sample.png'}")
     return results
 
 
@@ -221,9 +231,9 @@ def regularization(work: Path, threads: int, epochs: int) -> dict:
     axis.legend(loc="lower left")
     axis.set_title(f"Regularisation on MNIST 5s ({epochs} epochs each)")
     figure.tight_layout()
-    figure.savefig(DOCS / "tutorial_regularization.png", dpi=90)
+    figure.savefig(FIGURES / "tutorial_regularization.png", dpi=90)
     plt.close(figure)
-    print(f"wrote {DOCS / 'tutorial_regularization.png'}")
+    print(f"wrote {FIGURES / 'tutorial_regularization.png'}")
     return results
 
 
@@ -249,11 +259,197 @@ def limited_data(work: Path, threads: int, epochs: int) -> dict:
     axis.legend()
     axis.set_title(f"Limited training data ({epochs} epochs x 400 pairs each)")
     figure.tight_layout()
-    figure.savefig(DOCS / "tutorial_limited_data.png", dpi=90)
+    figure.savefig(FIGURES / "tutorial_limited_data.png", dpi=90)
     plt.close(figure)
-    print(f"wrote {DOCS / 'tutorial_limited_data.png'}")
+    print(f"wrote {FIGURES / 'tutorial_limited_data.png'}")
     return results
 
+
+def nested_training_datalists(population: Path, sizes: list[int]) -> dict[int, Path]:
+    """One datalist per training-set size beside ``population``'s: its first ``size`` training subjects (nested
+    sets), the same validation and test subjects for every size, so the curve measures the training data alone."""
+    content = json.loads(population.read_text())
+    datalists = {}
+    for size in sizes:
+        if size > len(content["training"]):
+            continue
+        datalist = population.parent / f"datalist_train{size}.json"
+        datalist.write_text(json.dumps({**content, "training": content["training"][:size]}, indent=1))
+        datalists[size] = datalist
+    return datalists
+
+
+def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
+    """The limited-data curve on synthetic 2D brains: one population, nested training sets, the same test pairs."""
+    from scripts.synthetic import ensure_synthetic_dataset
+
+    spec = {"spatial_dims": 2, "seed": 0, "num_subjects": 76, "num_validation": 4, "num_test": 8}
+    population = Path(ensure_synthetic_dataset(str(work / "synthetic_2d_76"), spec))
+    datalists = nested_training_datalists(population, BRAIN_TRAIN_SIZES)
+    sizes = list(datalists)
+    results = {}
+    for size, datalist in datalists.items():
+        folder = work / f"brains_train_{size}"
+        settings = {
+            "datalist": datalist,
+            "output_dir": folder / "runs",
+            "ckpt_dir": folder / "models",
+            "max_epochs": epochs,
+            "val_interval": epochs,
+            "overwrite_model": "true",
+        }
+        train_yaml = [str(CONFIGS / "train.yaml")]
+        bundle("training", train_yaml, settings, threads)
+        evaluate = {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}
+        bundle("evaluating", train_yaml + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
+        results[str(size)] = json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+    first = next(iter(results.values()))
+    print(f"| training brains | mean Dice ({first['pairs']} test pairs) | folded voxels % | std log det J |")
+    print("|---|---|---|---|")
+    for size, summary in results.items():
+        print(
+            f"| {size} | {summary['registered_mean_dice']:.3f} | {100 * summary['registered_folding_fraction']:.3f} "
+            f"| {summary['registered_std_log_jacobian']:.3f} |"
+        )
+    print(f"no registration: mean Dice {first['identity_mean_dice']:.3f}")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.semilogx(sizes, [r["registered_mean_dice"] for r in results.values()], "o-", label="registered")
+    axis.axhline(first["identity_mean_dice"], color="0.6", linestyle="--", label="no registration")
+    axis.set_xticks(sizes)
+    axis.set_xticklabels([str(size) for size in sizes])
+    axis.set_xlabel("training subjects (synthetic 2D brains)")
+    axis.set_ylabel(f"mean Dice, {first['pairs']} test pairs")
+    axis.legend()
+    axis.set_title(f"Limited training data, brains ({epochs} epochs x 160 pairs each)")
+    figure.tight_layout()
+    figure.savefig(FIGURES / "tutorial_limited_data_brains.png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {FIGURES / 'tutorial_limited_data_brains.png'}")
+    return results
+
+
+def register_pair(work: Path, name: str, threads: int, ckpt_dir: Path, files: dict, refine: bool) -> dict:
+    """The README's inference command on one pair of files; returns metrics.json plus the arrays to draw."""
+    import nibabel as nib
+
+    out = work / "brains2d" / "inference" / name
+    overrides = {**files, "ckpt_dir": ckpt_dir, "output_dir": out, **({} if refine else {"refine_iterations": 0})}
+    bundle("inference", [str(CONFIGS / "inference.yaml")], overrides, threads)
+    record = json.loads((out / "metrics.json").read_text())
+
+    def read(path) -> np.ndarray:
+        return np.asarray(nib.load(str(path)).dataobj).squeeze()
+
+    record["arrays"] = {
+        "moving": read(files["moving_image"]),
+        "fixed": read(files["fixed_image"]),
+        "warped": read(out / "warped_image.nii.gz"),
+        "fixed_label": read(files["fixed_label"]),
+        "warped_label": read(out / "warped_label.nii.gz"),
+    }
+    return record
+
+
+def brains2d(work: Path, threads: int, epochs: int, data: Path) -> dict:
+    """The tutorial's 2D brain step: train on synthetic brains, then register synthetic and real slices."""
+    from scripts.synthetic import ensure_synthetic_dataset
+
+    folder = work / "brains2d"
+    population = Path(ensure_synthetic_dataset(str(work / "synthetic_2d"), {"spatial_dims": 2, "seed": 0}))
+    settings = {
+        "datalist": population,
+        "output_dir": folder / "runs",
+        "ckpt_dir": folder / "models",
+        "max_epochs": epochs,
+        "val_interval": epochs,
+        "overwrite_model": "true",
+    }
+    train_yaml = [str(CONFIGS / "train.yaml")]
+    bundle("training", train_yaml, settings, threads)
+    evaluate = {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}
+    bundle("evaluating", train_yaml + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
+    summary = json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+    results = {
+        f"synthetic test pairs ({summary['pairs']}), network": {
+            "identity": summary["identity_mean_dice"],
+            "registered": summary["registered_mean_dice"],
+            "folded_percent": 100 * summary["registered_folding_fraction"],
+        }
+    }
+    test = json.loads(population.read_text())["test"]
+    synthetic_files = {
+        "fixed_image": population.parent / test[0]["image"],
+        "moving_image": population.parent / test[1]["image"],
+        "fixed_label": population.parent / test[0]["label"],
+        "moving_label": population.parent / test[1]["label"],
+    }
+    rows = {
+        "synthetic test pair, network": register_pair(
+            work, "synthetic", threads, folder / "models", synthetic_files, False
+        )
+    }
+    oasis = data / "oasis2d"
+    if (oasis / "subject_a_image.nii.gz").is_file():
+        real_files = {
+            "fixed_image": oasis / "subject_a_image.nii.gz",
+            "moving_image": oasis / "subject_b_image.nii.gz",
+            "fixed_label": oasis / "subject_a_label.nii.gz",
+            "moving_label": oasis / "subject_b_label.nii.gz",
+        }
+        for refine in (False, True):
+            name = "OASIS slice pair, " + ("network + refinement" if refine else "network")
+            rows[name] = register_pair(
+                work, f"oasis_{'refined' if refine else 'network'}", threads, folder / "models", real_files, refine
+            )
+    for name, record in rows.items():
+        if name.startswith("OASIS"):
+            results[name] = {
+                "identity": record["identity_mean_dice"],
+                "registered": record["registered_mean_dice"],
+                "folded_percent": 100 * record["folding_fraction"],
+                "seconds": record["seconds"],
+            }
+    print(
+        "| pairs (model trained on synthetic 2D brains) | mean Dice, no registration | mean Dice, registered "
+        "| folded % |"
+    )
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['identity']:.3f} | {r['registered']:.3f} | {r['folded_percent']:.3f} |")
+    figure, axes = plt.subplots(len(rows), 4, figsize=(9, 2.4 * len(rows)), squeeze=False)
+    for row, (name, record) in enumerate(rows.items()):
+        arrays = record["arrays"]
+        panels = (("moving", arrays["moving"]), ("fixed", arrays["fixed"]), ("warped moving", arrays["warped"]))
+        for column, (title, image) in enumerate(panels):
+            axes[row, column].imshow(np.rot90(image), cmap="gray")
+            axes[row, column].set_title(title, fontsize=9)
+        axes[row, 3].imshow(np.rot90(arrays["fixed"]), cmap="gray")
+        axes[row, 3].contour(
+            np.rot90(arrays["fixed_label"]),
+            levels=np.unique(arrays["fixed_label"]) + 0.5,
+            colors="lime",
+            linewidths=0.4,
+        )
+        axes[row, 3].contour(
+            np.rot90(arrays["warped_label"]),
+            levels=np.unique(arrays["warped_label"]) + 0.5,
+            colors="red",
+            linewidths=0.4,
+        )
+        dice = record.get("registered_mean_dice", float("nan"))
+        axes[row, 3].set_title(f"labels: fixed (green), warped (red)\nDice {dice:.3f}", fontsize=8)
+        axes[row, 0].set_ylabel(name, fontsize=8)
+        for axis in axes[row]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(FIGURES / "tutorial_brains2d.png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {FIGURES / 'tutorial_brains2d.png'}")
+    return results
+
+
+BRAIN_TRAIN_SIZES = [2, 4, 8, 16, 64]
 
 # the 2D synthetic label maps hold structures 1-3 and 5-8 (none of the 24 subjects has label 4)
 OBSERVED, UNOBSERVED = [1, 2, 3, 5], [6, 7, 8]
@@ -309,16 +505,25 @@ def semi_supervised(work: Path, threads: int, epochs: int) -> dict:
     axis.legend(loc="lower right")
     axis.set_title("Semi-supervised: Dice loss on some structures (synthetic 2D)")
     figure.tight_layout()
-    figure.savefig(DOCS / "tutorial_semi_supervised.png", dpi=90)
+    figure.savefig(FIGURES / "tutorial_semi_supervised.png", dpi=90)
     plt.close(figure)
-    print(f"wrote {DOCS / 'tutorial_semi_supervised.png'}")
+    print(f"wrote {FIGURES / 'tutorial_semi_supervised.png'}")
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "experiment", choices=["mnist", "out-of-sample", "regularization", "limited-data", "semi-supervised"]
+        "experiment",
+        choices=[
+            "mnist",
+            "out-of-sample",
+            "regularization",
+            "limited-data",
+            "semi-supervised",
+            "brains2d",
+            "limited-data-brains",
+        ],
     )
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "tutorial"), help="runs, models and data")
     parser.add_argument("--threads", type=int, default=2)
@@ -326,7 +531,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep_epochs", type=int, default=5, help="epochs per model of the sweeps")
     parser.add_argument("--brain_epochs", type=int, default=40, help="epochs per synthetic-brain model")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--figures_dir", default=str(DOCS), help="where the PNGs go (default: bundle/docs)")
     args = parser.parse_args(argv)
+    global FIGURES
+    FIGURES = Path(args.figures_dir)
+    FIGURES.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -334,13 +543,17 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if args.experiment == "mnist":
         results["mnist"] = train(work, args.threads, args.epochs)
-        pair_figure(work, DOCS / "tutorial_mnist_pairs.png")
+        pair_figure(work, FIGURES / "tutorial_mnist_pairs.png")
     elif args.experiment == "regularization":
         results["regularization"] = regularization(work, args.threads, args.sweep_epochs)
     elif args.experiment == "semi-supervised":
         results["semi_supervised"] = semi_supervised(work, args.threads, args.brain_epochs)
     elif args.experiment == "limited-data":
         results["limited_data"] = limited_data(work, args.threads, args.sweep_epochs)
+    elif args.experiment == "brains2d":
+        results["brains2d"] = brains2d(work, args.threads, args.brain_epochs, Path(args.data))
+    elif args.experiment == "limited-data-brains":
+        results["limited_data_brains"] = limited_data_brains(work, args.threads, args.brain_epochs)
     else:
         if not (work / "models" / "model.pt").is_file():
             raise SystemExit(f"no MNIST model in {work / 'models'}: run `python benchmarks/tutorial.py mnist` first")

@@ -59,3 +59,27 @@ def test_mnist_overlay_trains_a_digit_model(tmp_path):
     assert summary["pairs"] == 20 and summary["scored_pairs"] == 20
     assert summary["registered_mean_dice"] > summary["identity_mean_dice"] + 0.05
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_limited_data_curve_on_brains_uses_nested_training_sets_and_the_same_test_pairs(tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+    from scripts.datalist import load_section
+    from scripts.synthetic import ensure_synthetic_dataset
+
+    spec = importlib.util.spec_from_file_location("tutorial", REPO / "benchmarks" / "tutorial.py")
+    tutorial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tutorial)
+    synthetic = {"spatial_dims": 2, "shape": [24, 24], "num_subjects": 14, "num_validation": 2, "num_test": 4}
+    population = Path(ensure_synthetic_dataset(str(tmp_path / "population"), synthetic))
+    datalists = tutorial.nested_training_datalists(population, [2, 4, 8, 64])
+    assert list(datalists) == [2, 4, 8]  # a size beyond the population's 8 training subjects is left out
+    training = {size: [e["image"] for e in load_section(str(path), "training")] for size, path in datalists.items()}
+    assert [len(images) for images in training.values()] == [2, 4, 8]
+    assert training[2] == training[4][:2] and training[4] == training[8][:4]  # nested: each set grows the last
+    for section in ("validation", "test"):
+        held_out = {tuple(e["image"] for e in load_section(str(path), section)) for path in datalists.values()}
+        assert len(held_out) == 1  # the same held-out subjects for every size
+    test_images = set(next(iter(held_out)))
+    assert not test_images & set(training[8])
