@@ -43,6 +43,31 @@ def test_synthetic_dataset_written_once_with_datalist(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_dataset_folders_are_replaced_whole_or_not_at_all(tmp_path):
+    from scripts.files import atomic_folder
+
+    target = tmp_path / "data"
+    with atomic_folder(target) as staging:
+        (staging / "datalist.json").write_text("{}")
+    assert (target / "datalist.json").read_text() == "{}"
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0o700
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_folder(target) as staging:
+        (staging / "datalist.json").write_text('{"half": true}')
+        raise RuntimeError("interrupted")
+    with atomic_folder(target, is_current=lambda: True) as staging:  # another writer finished first: keep its copy
+        (staging / "datalist.json").write_text('{"mine": true}')
+    assert (target / "datalist.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _subjects(n):
     return [{"image": np.full((1, 4, 4), i, dtype=np.float32), "label": np.full((1, 4, 4), i)} for i in range(n)]
 
