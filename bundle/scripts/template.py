@@ -30,11 +30,11 @@ from .registration_step import RegistrationEvalStep, TermsLoss
 
 __all__ = [
     "LearnedTemplate",
-    "TemplateEvalStep",
-    "TemplateLoss",
-    "TemplateInferer",
-    "TemplateRegistration",
     "SubjectBatch",
+    "TemplateEvalStep",
+    "TemplateInferer",
+    "TemplateLoss",
+    "TemplateRegistration",
     "TemplateWriter",
     "batch_attributes",
     "mean_displacement",
