@@ -90,7 +90,7 @@ def pair_figure(work: Path, path: Path, pairs: int = 5) -> None:
     parser = ConfigParser()
     parser.read_config(TRAINING)
     parser.update({"bundle_root": str(REPO / "bundle"), **{k: str(v) for k, v in common(work).items()}})
-    parser["validate#dataset#section"] = "test"
+    parser["validate#section"] = "test"
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(work / "models" / "model.pt", weights_only=True))
     network.eval()

@@ -17,8 +17,8 @@ import torch
 from conftest import CONFIGS, run_bundle
 from monai.bundle import ConfigParser
 from monai.data import Dataset
-from scripts.datalist import check_image_file, load_atlas, load_section, subjects_from_files
-from scripts.pairs import PairDataset, held_out_pairs
+from scripts.datalist import check_image_file, load_atlas, load_held_out, load_section, subjects_from_files
+from scripts.pairs import PairDataset
 from scripts.transforms import subject_preprocessing
 
 INFERENCE = str(CONFIGS / "inference.yaml")
@@ -281,7 +281,7 @@ def test_invalid_json_datalist_is_named_by_every_reader(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"datalist {datalist} is not valid JSON")):
         load_atlas(datalist)
     with pytest.raises(ValueError, match=re.escape(f"datalist {datalist} is not valid JSON")):
-        held_out_pairs(datalist, "validation", None, subject_preprocessing(2, 1.0, None))
+        load_held_out(datalist, "validation")
     with pytest.raises(FileNotFoundError, match=re.escape(f"datalist not found: {tmp_path / 'none.json'}")):
         load_section(str(tmp_path / "none.json"), "training")
 
@@ -299,7 +299,7 @@ def test_unknown_pair_mode_is_rejected(tmp_path):
     )
     expected = re.escape("unknown pair_mode 'random'; expected one of ('pairwise', 'ring', 'atlas', 'explicit')")
     with pytest.raises(ValueError, match=expected):
-        held_out_pairs(datalist, "validation", None, subject_preprocessing(2, 1.0, None), pair_mode="random")
+        load_held_out(datalist, "validation", pair_mode="random")
     # as `--pair_mode random` reaches it through train.yaml
     parser = ConfigParser()
     parser.read_config(TRAIN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -122,34 +124,55 @@ def test_scaling_and_squaring_gives_invertible_field_where_plain_displacement_fo
     assert deformation_stats(integrated(x)[0].detach().numpy())["folding_fraction"] < 0.001
 
 
-def test_train_step_refuses_a_non_finite_loss_before_updating_weights():
-    from types import SimpleNamespace
-
+def test_trainer_refuses_a_non_finite_loss_before_updating_weights():
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
     from monai.losses import BendingEnergyLoss
-    from scripts.registration_step import RegistrationLoss, RegistrationTrainStep
+    from scripts.registration_step import FiniteLossGuard, RegistrationBatch, RegistrationLoss
+
+    class Batches:  # 3 pairs an epoch; the 7th served (epoch 3, iteration 7) has a NaN voxel
+        served = 0
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for _ in range(3):
+                Batches.served += 1
+                fixed = torch.rand(1, 1, 16, 16)
+                if Batches.served == 7:
+                    fixed[0, 0, 3, 3] = float("nan")
+                moving = torch.rand(1, 1, 16, 16)
+                yield {"fixed_image": fixed, "moving_image": moving, "fixed_name": ["f"], "moving_name": ["m"]}
 
     torch.manual_seed(0)
     backbone = VoxelMorphUNet(
         spatial_dims=2, in_channels=2, unet_out_channels=8, channels=(8, 8, 8, 8), final_conv_channels=(8,)
     )
     network = RegistrationNet(backbone, spatial_dims=2, divisor=4)
-    before = {k: v.clone() for k, v in network.state_dict().items()}
-    engine = SimpleNamespace(
-        state=SimpleNamespace(device=torch.device("cpu"), epoch=3, iteration=7),
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=5,
+        train_data_loader=Batches(),
         network=network,
-        optimizer=torch.optim.Adam(network.parameters(), lr=1.0),
-        amp=False,
-        scaler=None,
-        non_blocking=False,
-        optim_set_to_none=True,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e-3),
+        loss_function=RegistrationLoss(torch.nn.MSELoss(), BendingEnergyLoss()),
+        prepare_batch=RegistrationBatch(),
+        train_handlers=[FiniteLossGuard()],
+        decollate=False,
     )
-    step = RegistrationTrainStep(RegistrationLoss(torch.nn.MSELoss(), BendingEnergyLoss()))
-    fixed = torch.rand(1, 1, 16, 16)
-    fixed[0, 0, 3, 3] = float("nan")
-    batch = {"fixed_image": fixed, "moving_image": torch.rand(1, 1, 16, 16), "fixed_name": ["f"], "moving_name": ["m"]}
-    with pytest.raises(FloatingPointError, match="non-finite loss at epoch 3, iteration 7"):
-        step(engine, batch)
+    after: dict = {}
+    losses: list[float] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _keep(engine):
+        losses.append(float(engine.state.output["loss"]))
+        after.update({k: v.clone() for k, v in network.state_dict().items()})
+
+    with pytest.raises(
+        FloatingPointError, match=re.escape("non-finite loss at epoch 3, iteration 7 (pair ['m'] -> ['f'])")
+    ):
+        trainer.run()
+    assert len(losses) == 6 and np.isfinite(losses).all()
     for key, value in network.state_dict().items():
-        torch.testing.assert_close(value, before[key])
-    batch["fixed_image"] = torch.rand(1, 1, 16, 16)
-    assert np.isfinite(step(engine, batch)["loss"])
+        torch.testing.assert_close(value, after[key])  # the non-finite loss updated nothing

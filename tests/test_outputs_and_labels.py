@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, check_ok, run_bundle
+from monai.bundle import ConfigParser
 from monai.data import DataLoader
 from scripts import _specific_error
 from scripts.files import atomic_write_json
@@ -221,7 +222,7 @@ def test_the_specific_error_is_found_under_monai_config_wrappers():
 
 
 def test_a_single_held_out_subject_is_named_with_its_section_and_datalist(tmp_path):
-    from scripts.pairs import held_out_pairs
+    from scripts.datalist import load_held_out
 
     image = _save(tmp_path / "a.nii.gz", _image())
     datalist = tmp_path / "datalist.json"
@@ -229,4 +230,11 @@ def test_a_single_held_out_subject_is_named_with_its_section_and_datalist(tmp_pa
     datalist.write_text(json.dumps(content))
     expected = re.escape(f"{datalist}: section 'validation' has 1 subject(s); held-out pairs")
     with pytest.raises(ValueError, match=expected):
-        held_out_pairs(str(datalist), "validation", None, subject_preprocessing(2, 1.0, None))
+        load_held_out(str(datalist), "validation")
+    # as train.yaml reaches it
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser["datalist"] = str(datalist)
+    with pytest.raises(RuntimeError) as info:
+        parser.get_parsed_content("validate#dataset")
+    assert re.search(expected, str(_specific_error(info.value)))

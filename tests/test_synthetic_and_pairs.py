@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
+from monai.bundle import ConfigParser
 from scripts.pairs import PairDataset, pair_indices_from_paths
 from scripts.synthetic import SyntheticSpec, ensure_synthetic_dataset, generate_subjects
 
@@ -39,6 +41,31 @@ def test_synthetic_dataset_written_once_with_datalist(tmp_path):
     assert ensure_synthetic_dataset(str(tmp_path / "synth"), spec) == path
     assert (tmp_path / "synth" / "datalist.json").stat().st_mtime_ns == stamp  # reused, not rewritten
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_dataset_folders_are_replaced_whole_or_not_at_all(tmp_path):
+    from scripts.files import atomic_folder
+
+    target = tmp_path / "data"
+    with atomic_folder(target) as staging:
+        (staging / "datalist.json").write_text("{}")
+    assert (target / "datalist.json").read_text() == "{}"
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0o700
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_folder(target) as staging:
+        (staging / "datalist.json").write_text('{"half": true}')
+        raise RuntimeError("interrupted")
+    with atomic_folder(target, is_current=lambda: True) as staging:  # another writer finished first: keep its copy
+        (staging / "datalist.json").write_text('{"mine": true}')
+    assert (target / "datalist.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _subjects(n):
@@ -84,6 +111,37 @@ def test_deterministic_modes():
     assert float(both[0]["fixed_image"][0, 0, 0]) == 99.0 and float(both[3]["moving_image"][0, 0, 0]) == 99.0
     explicit = PairDataset(_subjects(3), mode="explicit", pairs=[(2, 0)])
     assert len(explicit) == 1 and int(explicit[0]["fixed_image"][0, 0, 0]) == 2
+
+
+def _held_out(datalist: str, overrides: dict):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser.update({"datalist": datalist, "spatial_size": [24, 24], **overrides})
+    return parser.get_parsed_content("validate#dataset")
+
+
+def test_held_out_pairs_from_the_config_ring_atlas_and_explicit(tmp_path):
+    spec = dict(spatial_dims=2, shape=[24, 24], num_subjects=8, num_validation=3, num_test=2)
+    datalist = ensure_synthetic_dataset(str(tmp_path / "synth"), spec)
+    ring = _held_out(datalist, {})
+    assert ring.mode == "ring" and ring.pairs == [(1, 0), (2, 1), (0, 2)]
+    assert (ring[0]["fixed_name"], ring[0]["moving_name"]) == ("subject_004_image", "subject_003_image")
+    atlas = _held_out(datalist, {"pair_mode": "atlas", "atlas_direction": "both"})
+    assert atlas.mode == "atlas" and len(atlas) == 6 and atlas[0]["fixed_name"] == "atlas_image"
+    content = json.loads(open(datalist).read())
+    validation = [entry["image"] for entry in content["validation"]]
+    content["pairs"] = {"validation": [{"fixed": validation[0], "moving": validation[2]}]}
+    with open(datalist, "w") as stream:
+        json.dump(content, stream)
+    for mode in ("pairwise", "atlas"):  # explicit pairs win, whatever the pair_mode
+        explicit = _held_out(datalist, {"pair_mode": mode})
+        assert explicit.mode == "explicit" and explicit.pairs == [(0, 2)] and explicit.atlas is None
+    evaluation = ConfigParser()
+    evaluation.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")])
+    evaluation.update({"datalist": datalist, "spatial_size": [24, 24]})
+    test = evaluation.get_parsed_content("validate#dataset")
+    assert test.mode == "ring" and len(test) == 2
+    assert (test[0]["fixed_name"], test[0]["moving_name"]) == ("subject_007_image", "subject_006_image")
 
 
 def test_pair_errors_are_specific():

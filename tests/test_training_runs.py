@@ -207,3 +207,26 @@ def test_resume_without_a_saved_state_fails_naming_the_folder(tmp_path, datalist
     assert process.returncode != 0
     assert f"no run with a saved training state in {tmp_path / 'out' / 'runs'}" in output
     assert not (tmp_path / "out" / "models").exists()
+
+
+@pytest.mark.parametrize("overlays", [[], ["template.yaml"]], ids=["pairs", "template"])
+def test_training_runs_the_trainers_own_iteration_and_its_events(tmp_path, datalist, overlays):
+    """Both trainers plug into SupervisedTrainer's hooks, so ignite's iteration events fire (and amp_kwargs applies)."""
+    from monai.bundle import ConfigParser
+    from monai.engines import IterationEvents
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN] + [str(CONFIGS / name) for name in overlays])
+    parser.update({"datalist": datalist, "output_dir": str(tmp_path), "spatial_size": [64, 64], "max_epochs": 1})
+    parser.update({"num_pairs_per_epoch": 4, "subjects_per_epoch": 4, "batch_size": 2, "val_interval": 10})
+    parser.update({"unet_channels": [8, 8, 8, 8], "unet_out_channels": 8, "final_conv_channels": [8], "divisor": 8})
+    trainer = parser.get_parsed_content("train#trainer")
+    events = ("FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED")
+    fired: dict = {getattr(IterationEvents, name): 0 for name in events}
+    for event in fired:
+        trainer.add_event_handler(event, lambda engine, event=event: fired.__setitem__(event, fired[event] + 1))
+    trainer.run()
+    assert trainer.state.iteration == 2 and all(count == 2 for count in fired.values()), fired
+    output = trainer.state.output
+    assert torch.isfinite(output["loss"]) and {"similarity", "regularization"} <= set(output["loss_terms"])
+    assert float(output["loss"]) == pytest.approx(float(output["loss_terms"]["loss"]))

@@ -23,10 +23,12 @@ import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from .pairs import PAIR_MODES, pair_indices_from_paths
+
 # Sections up to this size are decompressed in full at start-up (seconds); larger ones get a header check only.
 FULL_CHECK_MAX_FILES = 64
 
-__all__ = ["check_image_file", "load_section", "load_atlas", "load_pairs", "subjects_from_files"]
+__all__ = ["check_image_file", "load_section", "load_atlas", "load_pairs", "load_held_out", "subjects_from_files"]
 
 
 def check_image_file(path: str, what: str, read_data: bool = True) -> None:
@@ -145,7 +147,10 @@ def _check_entries(entries: list[dict], where: str, datalist: str, read_data: bo
 
 def load_section(datalist: str, section: str, base_dir: str | None = None, required: bool = True) -> list[dict]:
     """Return the checked subjects of one datalist section (``training``, ``validation``, ``test``)."""
-    content = _read_datalist(datalist)
+    return _section(_read_datalist(datalist), datalist, section, base_dir, required)
+
+
+def _section(content: dict, datalist: str, section: str, base_dir: str | None, required: bool = True) -> list[dict]:
     if section not in content or not content[section]:
         if required:
             why = "the key is missing" if section not in content else f"it is {content[section]!r}"
@@ -157,6 +162,7 @@ def load_section(datalist: str, section: str, base_dir: str | None = None, requi
     if section != "test" or isinstance(content[section][0], dict):  # MONAI accepts bare paths in 'test' only
         _require_objects(content[section], section, datalist)
     base_dir = base_dir if base_dir is not None else str(Path(datalist).parent)
+    # MONAI's own path resolution (it re-reads the file: its public API takes a path, not the parsed content)
     entries = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=section, base_dir=base_dir)
     _check_entries(entries, section, datalist, read_data=len(entries) <= FULL_CHECK_MAX_FILES)
     return entries
@@ -164,7 +170,10 @@ def load_section(datalist: str, section: str, base_dir: str | None = None, requi
 
 def load_atlas(datalist: str, base_dir: str | None = None) -> dict:
     """Return the checked atlas subject ``{"image", "label"?}`` of the datalist (needed by pair_mode ``atlas``)."""
-    content = _read_datalist(datalist)
+    return _atlas(_read_datalist(datalist), datalist, base_dir)
+
+
+def _atlas(content: dict, datalist: str, base_dir: str | None) -> dict:
     if "atlas" not in content:
         raise ValueError(f"pair_mode 'atlas' needs an 'atlas' entry in datalist {datalist}")
     base = Path(base_dir if base_dir is not None else Path(datalist).parent)
@@ -175,7 +184,10 @@ def load_atlas(datalist: str, base_dir: str | None = None) -> dict:
 
 def load_pairs(datalist: str, section: str, base_dir: str | None = None) -> list[dict] | None:
     """Explicit ``pairs[section]`` as ``[{"fixed": path, "moving": path}]`` with resolved paths, or None."""
-    content = _read_datalist(datalist)
+    return _pairs(_read_datalist(datalist), datalist, section, base_dir)
+
+
+def _pairs(content: dict, datalist: str, section: str, base_dir: str | None) -> list[dict] | None:
     pairs = content.get("pairs", {}).get(section)
     if pairs is None:
         return None
@@ -186,6 +198,36 @@ def load_pairs(datalist: str, section: str, base_dir: str | None = None) -> list
             raise KeyError(f"{datalist}: pairs['{section}'][{index}] needs 'fixed' and 'moving' keys, got {pair}")
         resolved.append({role: str((base / pair[role]).resolve()) for role in ("fixed", "moving")})
     return resolved
+
+
+def load_held_out(
+    datalist: str, section: str, base_dir: str | None = None, pair_mode: str = "pairwise"
+) -> dict[str, object]:
+    """The subjects of a held-out section (validation or test) and how they pair, from one read of the datalist.
+
+    The pairs are the same in every run: explicit ``pairs[section]`` from the datalist win; otherwise atlas pairs in
+    ``atlas`` mode; otherwise the ring (each subject moving onto the next). Returns the keyword arguments of the
+    section's ``PairDataset`` in data form, which ``train.yaml`` turns into datasets (``validate#...``)::
+
+        {"subjects": [{image, label?}, ...], "mode": "explicit" | "atlas" | "ring",
+         "pairs": [(fixed, moving) subject indices] (explicit mode) | None, "atlas": {image, label?} | None}
+    """
+    if pair_mode not in PAIR_MODES:
+        raise ValueError(f"unknown pair_mode '{pair_mode}'; expected one of {PAIR_MODES}")
+    content = _read_datalist(datalist)
+    subjects = _section(content, datalist, section, base_dir)
+    held_out: dict[str, object] = {"subjects": subjects, "mode": "ring", "pairs": None, "atlas": None}
+    explicit = _pairs(content, datalist, section, base_dir)
+    if explicit:
+        held_out.update(mode="explicit", pairs=pair_indices_from_paths([s["image"] for s in subjects], explicit))
+    elif pair_mode == "atlas":
+        held_out.update(mode="atlas", atlas=_atlas(content, datalist, base_dir))
+    elif len(subjects) < 2:
+        raise ValueError(
+            f"{datalist}: section '{section}' has {len(subjects)} subject(s); held-out pairs (each subject onto the "
+            f"next) need at least 2: add subjects, list explicit pairs['{section}'], or use pair_mode 'atlas'"
+        )
+    return held_out
 
 
 def subjects_from_files(

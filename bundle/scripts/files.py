@@ -7,10 +7,12 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-__all__ = ["atomic_output", "atomic_write_json", "atomic_write_text", "json_safe", "logger"]
+__all__ = ["atomic_folder", "atomic_output", "atomic_write_json", "atomic_write_text", "json_safe", "logger"]
 
 logger = logging.getLogger("registration")
 
@@ -34,6 +36,30 @@ def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, is_current: Callable[[], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``path`` to write a whole dataset into; on success it replaces ``path``,
+    on failure it is removed, so an interrupted run never leaves a half-written folder that a later run would trust.
+
+    ``is_current``: checked once the folder is written; True means another process wrote an up-to-date ``path``
+    meanwhile, which is kept (the staging copy is dropped). The folder gets the usual permissions (``0o777`` less the
+    umask, where ``mkdtemp`` would leave ``0o700``), as ``atomic_output`` gives files.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        if is_current is None or not is_current():
+            os.chmod(staging, 0o777 & ~_umask())
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _umask() -> int:

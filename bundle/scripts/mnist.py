@@ -10,13 +10,12 @@ so the same loading path as every other dataset serves training and the out-of-s
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from .files import atomic_folder
 
 __all__ = ["ensure_mnist_classes_dataset", "ensure_mnist_dataset", "load_mnist_digits"]
 
@@ -52,26 +51,18 @@ def _write_entry(staging: Path, images: np.ndarray, index: int, digit: int) -> d
 
 def _ensure(root: str, spec: dict, build_sections, description: str) -> str:
     """Write ``build_sections(staging, images, digits, rng)``'s datalist under ``root`` unless the same ``spec`` is
-    there; written into a temporary sibling folder and renamed into place. Returns the datalist path."""
+    there; written through ``files.atomic_folder``. Returns the datalist path."""
     root_path = Path(root)
     params = root_path / PARAMS_FILE
     if params.is_file() and json.loads(params.read_text()) == spec and (root_path / "datalist.json").is_file():
         return str(root_path / "datalist.json")
     images, digits = load_mnist_digits()
     rng = np.random.default_rng(spec["seed"])
-    root_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root_path.name}.", dir=root_path.parent))
-    try:
+    with atomic_folder(root_path) as staging:
         sections = build_sections(staging, images, digits, rng)
         datalist = {"description": description, **sections}
         (staging / "datalist.json").write_text(json.dumps(datalist, indent=1))
         (staging / PARAMS_FILE).write_text(json.dumps(spec, indent=1))
-        if root_path.exists():
-            shutil.rmtree(root_path)
-        os.replace(staging, root_path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return str(root_path / "datalist.json")
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from .files import logger
 
-__all__ = ["PAIR_MODES", "PairDataset", "held_out_pairs", "label_present", "pair_indices_from_paths"]
+__all__ = ["PAIR_MODES", "PairDataset", "label_present", "pair_indices_from_paths"]
 
 PAIR_MODES = ("pairwise", "ring", "atlas", "explicit")
 ATLAS_DIRECTIONS = ("subject_to_atlas", "atlas_to_subject", "both")
@@ -182,40 +182,3 @@ class PairDataset(Randomizable, Dataset):
             if "moving_label" in pair:
                 pair["moving_label"] = self.resample(pair["moving_label"], pair["fixed_image"], mode="nearest")
         return self.transform(pair) if self.transform is not None else pair
-
-
-def held_out_pairs(
-    datalist: str,
-    section: str,
-    dataset_dir: str | None,
-    transform: Callable,
-    pair_mode: str = "pairwise",
-    atlas_direction: str = "subject_to_atlas",
-    cache_rate: float = 1.0,
-    num_workers: int = 0,
-) -> PairDataset:
-    """Deterministic pairs of a held-out datalist section (validation or test), the same in every run.
-
-    Explicit ``pairs[section]`` from the datalist win; otherwise atlas pairs in ``atlas`` mode, else the ``ring``.
-    """
-    from monai.data import CacheDataset
-
-    from .datalist import load_atlas, load_pairs, load_section
-
-    if pair_mode not in PAIR_MODES:
-        raise ValueError(f"unknown pair_mode '{pair_mode}'; expected one of {PAIR_MODES}")
-    entries = load_section(datalist, section, dataset_dir)
-    subjects = CacheDataset(entries, transform, cache_rate=cache_rate, num_workers=num_workers, progress=False)
-    explicit = load_pairs(datalist, section, dataset_dir)
-    if explicit:
-        indices = pair_indices_from_paths([entry["image"] for entry in entries], explicit)
-        return PairDataset(subjects, mode="explicit", pairs=indices)
-    if pair_mode == "atlas":
-        atlas = CacheDataset([load_atlas(datalist, dataset_dir)], transform, progress=False)
-        return PairDataset(subjects, mode="atlas", atlas=atlas, atlas_direction=atlas_direction)
-    if len(entries) < 2:
-        raise ValueError(
-            f"{datalist}: section '{section}' has {len(entries)} subject(s); held-out pairs (each subject onto the "
-            f"next) need at least 2: add subjects, list explicit pairs['{section}'], or use pair_mode 'atlas'"
-        )
-    return PairDataset(subjects, mode="ring")

@@ -1,8 +1,12 @@
-"""The registration iteration plugged into MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` (``iteration_update``).
+"""The registration iteration, through the hooks of MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator``.
 
-The default supervised iteration computes ``loss(network(x), y)``; registration needs the moving image warped by the
-network's output before the loss, and the evaluator needs the moving labels warped and scored. Everything else
-(epochs, handlers, checkpoints, AMP scaler, metrics) stays with the MONAI/ignite engines.
+Training uses the trainer's own iteration: ``prepare_batch`` (``RegistrationBatch``) turns a pair into the network's
+single input ``cat(moving, fixed)`` and the pair as target, the inferer (``SimpleInferer``) runs the network to the
+DDF, and ``loss_function`` (``RegistrationLoss``) warps the moving image by it and returns the loss; so ignite's
+``FORWARD/LOSS/BACKWARD_COMPLETED`` events fire, AMP follows ``amp``/``amp_kwargs`` and ``accumulation_steps`` works.
+``FiniteLossGuard`` (a handler) stops on a non-finite loss before backward. Evaluation keeps an ``iteration_update``
+(``RegistrationEvalStep``): it scores each pair (Dice/HD95 of warped labels, folding, identity baseline, timing,
+test-time refinement), which is no ``loss(network(x), y)``.
 """
 
 from __future__ import annotations
@@ -12,13 +16,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.engines import IterationEvents
 from monai.networks.blocks import Warp
+from monai.utils import CommonKeys
 from torch import nn
 
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
-__all__ = ["RegistrationLoss", "RegistrationTrainStep", "RegistrationEvalStep", "optimizer_step", "one_hot_labels"]
+__all__ = [
+    "FiniteLossGuard",
+    "RegistrationBatch",
+    "RegistrationEvalStep",
+    "RegistrationLoss",
+    "TermsLoss",
+    "one_hot_labels",
+]
 
 
 def one_hot_labels(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
@@ -26,8 +39,27 @@ def one_hot_labels(label: torch.Tensor, label_ids: Sequence[int]) -> torch.Tenso
     return torch.cat([(label == i).to(torch.float32) for i in label_ids], dim=1)
 
 
-class RegistrationLoss(nn.Module):
-    """``Sim(m ∘ φ, f) + λ · Reg(φ) [+ γ · LabelLoss(m_label ∘ φ, f_label)]``.
+class TermsLoss(nn.Module):
+    """A trainer's ``loss_function`` made of named terms: ``forward(pred, target)`` returns the scalar ``terms["loss"]``
+    that the trainer back-propagates and keeps every term of the call, detached, in ``last_terms`` (read by
+    ``FiniteLossGuard``, which puts them in the iteration's output as ``loss_terms``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def _kept(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        return terms["loss"]
+
+
+class RegistrationLoss(TermsLoss):
+    """``Sim(m ∘ φ, f) + λ · Reg(φ) [+ γ · LabelLoss(m_label ∘ φ, f_label)]``: the trainer's
+    ``loss_function(ddf, pair)``.
+
+    ``m ∘ φ`` warps the moving image (bilinear, border padding) by the network's DDF; the label term, when
+    ``label_weight`` > 0, uses the pairs of the batch where both sides have a label, as one-hot masks warped
+    bilinearly (nearest-neighbour warping has no gradient w.r.t. the DDF).
 
     Args:
         image_loss: similarity, e.g. ``LocalNormalizedCrossCorrelationLoss(kernel_size=9)`` or ``MSELoss``.
@@ -53,87 +85,81 @@ class RegistrationLoss(nn.Module):
         self.image_loss, self.regularization, self.label_loss = image_loss, regularization, label_loss
         self.regularization_weight, self.label_weight = float(regularization_weight), float(label_weight)
         self.label_ids = list(label_ids or [])
+        self.warp = Warp(mode="bilinear", padding_mode="border")
 
     @property
     def uses_labels(self) -> bool:
         return self.label_weight > 0
 
-    def forward(
-        self,
-        warped_image: torch.Tensor,
-        fixed_image: torch.Tensor,
-        ddf: torch.Tensor,
-        warped_label: torch.Tensor | None = None,
-        fixed_label: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        terms = {
-            "similarity": self.image_loss(warped_image, fixed_image),
-            "regularization": self.regularization(ddf),
-        }
+    def forward(self, ddf: torch.Tensor, pair: Mapping) -> torch.Tensor:
+        """``ddf``: the ``(B, dims, *S)`` prediction; ``pair``: the target of ``RegistrationBatch``."""
+        return self._kept(self.terms(ddf, pair))
+
+    def terms(self, ddf: torch.Tensor, pair: Mapping) -> dict[str, torch.Tensor]:
+        """``similarity``, ``regularization``, [``label``] and their weighted sum ``loss``."""
+        fixed = pair["fixed_image"]
+        warped = self.warp(pair["moving_image"], ddf)
+        labels = {}
+        if self.uses_labels:
+            both = [i for i in range(fixed.shape[0]) if _labelled_pair(pair, i)]
+            if both:
+                keep = torch.as_tensor(both, device=ddf.device)
+                moving_label = one_hot_labels(pair["moving_label"].to(ddf.device)[keep], self.label_ids)
+                labels["warped"] = self.warp(moving_label, ddf[keep])
+                labels["fixed"] = one_hot_labels(pair["fixed_label"].to(ddf.device)[keep], self.label_ids)
+        terms = {"similarity": self.image_loss(warped, fixed), "regularization": self.regularization(ddf)}
         loss = terms["similarity"] + self.regularization_weight * terms["regularization"]
         if self.uses_labels:
-            if warped_label is None or fixed_label is None or warped_label.shape[0] == 0:
-                terms["label"] = torch.zeros((), device=ddf.device)  # no pair of this batch has both labels
+            if labels:
+                terms["label"] = self.label_loss(labels["warped"], labels["fixed"])
             else:
-                terms["label"] = self.label_loss(warped_label, fixed_label)
+                terms["label"] = torch.zeros((), device=ddf.device)  # no pair of this batch has both labels
             loss = loss + self.label_weight * terms["label"]
         terms["loss"] = loss
         return terms
 
 
-class RegistrationTrainStep:
-    """One optimisation step: ``ddf = net(cat(m, f))``, warp, loss, backward; returns images for handlers."""
+class RegistrationBatch:
+    """The trainer's ``prepare_batch``: a collated pair -> ``(cat(moving, fixed), pair)``.
 
-    def __init__(self, loss: RegistrationLoss) -> None:
-        self.loss = loss
-        self.warp = Warp(mode="bilinear", padding_mode="border")
+    The first is the network's single input (``network_def``'s contract); the second, the pair with its images moved
+    to the device, is the target that ``RegistrationLoss`` reads (labels move only when its label term needs them).
+    """
 
-    def __call__(self, engine, batch: Mapping) -> dict:
-        device = engine.state.device
-        fixed = batch["fixed_image"].to(device, non_blocking=engine.non_blocking)
-        moving = batch["moving_image"].to(device, non_blocking=engine.non_blocking)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
-            ddf = engine.network(torch.cat([moving, fixed], dim=1))
-            warped = self.warp(moving, ddf)
-            labels = {}
-            if self.loss.uses_labels:
-                ids = self.loss.label_ids
-                both = [i for i in range(fixed.shape[0]) if _labelled_pair(batch, i)]
-                if both:
-                    keep = torch.as_tensor(both, device=device)
-                    moving_label = batch["moving_label"].to(device)[keep]
-                    # Bilinear on one-hot masks: nearest-neighbour warping has no gradient w.r.t. the DDF.
-                    labels["warped_label"] = self.warp(one_hot_labels(moving_label, ids), ddf[keep])
-                    labels["fixed_label"] = one_hot_labels(batch["fixed_label"].to(device)[keep], ids)
-            terms = self.loss(warped, fixed, ddf, **labels)
-        optimizer_step(
-            terms, engine, f"pair {list(batch.get('moving_name', []))} -> {list(batch.get('fixed_name', []))}"
-        )
-        output = {name: value.item() for name, value in terms.items()}
-        output.update(
-            fixed_image=fixed.detach(), moving_image=moving.detach(), warped_image=warped.detach(), ddf=ddf.detach()
-        )
-        return output
+    def __call__(
+        self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, dict]:
+        fixed = batchdata["fixed_image"].to(device, non_blocking=non_blocking, **kwargs)
+        moving = batchdata["moving_image"].to(device, non_blocking=non_blocking, **kwargs)
+        return torch.cat([moving, fixed], dim=1), {**batchdata, "fixed_image": fixed, "moving_image": moving}
+
+    @staticmethod
+    def describe(batchdata: Mapping) -> str:
+        """The pairs of a batch, for error messages."""
+        return f"pair {list(batchdata.get('moving_name', []))} -> {list(batchdata.get('fixed_name', []))}"
 
 
-def optimizer_step(terms: Mapping[str, torch.Tensor], engine, what: str) -> None:
-    """Backward and optimiser step on ``terms["loss"]`` (through the engine's AMP scaler when it has one), shared by
-    every train step; stops first on a non-finite loss, whose update would corrupt the weights checkpoints save."""
-    if not torch.isfinite(terms["loss"]):
-        values = {name: float(value) for name, value in terms.items()}
+class FiniteLossGuard:
+    """Trainer handler on ``LOSS_COMPLETED`` (after the loss, before backward): puts the loss function's named terms
+    (``TermsLoss.last_terms``) in the output as ``loss_terms``, and stops on a non-finite loss, whose update would
+    corrupt the weights that checkpoints save. Attach it on every rank (each rank has its own loss)."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        output = engine.state.output
+        output["loss_terms"] = dict(getattr(engine.loss_function, "last_terms", {}))
+        if torch.isfinite(output[CommonKeys.LOSS]).all():
+            return
+        values = {name: float(value) for name, value in output["loss_terms"].items()}
+        values["loss"] = float(output[CommonKeys.LOSS])
+        describe = getattr(engine.prepare_batch, "describe", None)
+        what = f" ({describe(engine.state.batch)})" if describe is not None else ""
         raise FloatingPointError(
-            f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({what}): {values}; "
+            f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}{what}: {values}; "
             "lower learning_rate or check the images"
         )
-    if engine.amp and engine.scaler is not None:
-        engine.scaler.scale(terms["loss"]).backward()
-        engine.scaler.step(engine.optimizer)
-        engine.scaler.update()
-    else:
-        terms["loss"].backward()
-        engine.optimizer.step()
 
 
 def _labelled_pair(batch: Mapping, i: int) -> bool:

@@ -10,9 +10,6 @@ per-label intensities, blur, a multiplicative bias field and noise (Hoffmann et 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +17,8 @@ import nibabel as nib
 import numpy as np
 import torch.distributed
 from scipy import ndimage
+
+from .files import atomic_folder
 
 __all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects", "scaled_anatomy", "size_class"]
 
@@ -161,8 +160,8 @@ def _is_current(root: Path, spec: SyntheticSpec) -> bool:
 def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None) -> str:
     """Write the synthetic population under ``root`` unless an identical one is there; return its datalist path.
 
-    Generation happens in a temporary sibling folder that is renamed into place, so an interrupted run never
-    leaves a half-written dataset that a later run would trust.
+    Generation happens in a temporary sibling folder that is renamed into place (``files.atomic_folder``), so an
+    interrupted run never leaves a half-written dataset that a later run would trust.
     """
     spec = SyntheticSpec(**(spec or {}))
     root_path = Path(root)
@@ -178,9 +177,8 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | dict | None = None
 
 
 def _generate(root_path: Path, spec: SyntheticSpec) -> None:
-    root_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root_path.name}.", dir=root_path.parent))
-    try:
+    # another process may write the same data meanwhile: its complete copy is kept
+    with atomic_folder(root_path, is_current=lambda: _is_current(root_path, spec)) as staging:
         subjects, atlas = generate_subjects(spec)
         entries = []
         for index, (image, label) in enumerate(subjects):
@@ -204,10 +202,3 @@ def _generate(root_path: Path, spec: SyntheticSpec) -> None:
         }
         (staging / "datalist.json").write_text(json.dumps(datalist, indent=1))
         (staging / PARAMS_FILE).write_text(json.dumps({**spec, "generator_version": GENERATOR_VERSION}, indent=1))
-        if not _is_current(root_path, spec):  # another process may have written the same data meanwhile
-            if root_path.exists():
-                shutil.rmtree(root_path)
-            os.replace(staging, root_path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

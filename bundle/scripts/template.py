@@ -26,14 +26,15 @@ from monai.networks.blocks import Warp
 from torch import nn
 
 from .files import atomic_output, logger
-from .registration_step import RegistrationEvalStep, optimizer_step
+from .registration_step import RegistrationEvalStep, TermsLoss
 
 __all__ = [
     "LearnedTemplate",
+    "SubjectBatch",
     "TemplateEvalStep",
+    "TemplateInferer",
     "TemplateLoss",
     "TemplateRegistration",
-    "TemplateTrainStep",
     "TemplateWriter",
     "batch_attributes",
     "mean_displacement",
@@ -177,8 +178,9 @@ def _template_and_fields(network: nn.Module, subject: torch.Tensor, attribute):
     return images, network.field_to_ddf(velocity, spatial), network.field_to_ddf(-velocity, spatial)
 
 
-class TemplateLoss(nn.Module):
-    """``½ Sim(T∘φ, s) + ½ Sim(s∘φ⁻¹, T) + λ · Reg(φ) + λ_c · mean_x |mean_batch u(x)|²``.
+class TemplateLoss(TermsLoss):
+    """``½ Sim(T∘φ, s) + ½ Sim(s∘φ⁻¹, T) + λ · Reg(φ) + λ_c · mean_x |mean_batch u(x)|²``, the trainer's
+    ``loss_function(pred, subject)`` with ``pred`` from ``TemplateInferer``.
 
     ``u`` is the displacement of ``φ`` in voxels; the last (centrality) term is the squared mean displacement over the
     subjects of a batch, the paper's ``‖ū‖²``, so the template moves towards the average shape.
@@ -207,9 +209,13 @@ class TemplateLoss(nn.Module):
         self.bidirectional = bool(bidirectional)
         self.warp = Warp(mode="bilinear", padding_mode="border")
 
-    def forward(
+    def forward(self, pred: Mapping[str, torch.Tensor], subject: torch.Tensor) -> torch.Tensor:
+        return self._kept(self.terms(pred["template"], subject, pred["ddf"], pred["inverse_ddf"]))
+
+    def terms(
         self, template: torch.Tensor, subject: torch.Tensor, ddf: torch.Tensor, inverse_ddf: torch.Tensor
     ) -> dict[str, torch.Tensor]:
+        """``similarity``, ``regularization``, ``centrality`` and their weighted sum ``loss``."""
         similarity = self.image_loss(self.warp(template, ddf), subject)
         if self.bidirectional:
             similarity = 0.5 * (similarity + self.image_loss(self.warp(subject, inverse_ddf), template))
@@ -226,27 +232,30 @@ class TemplateLoss(nn.Module):
         return terms
 
 
-class TemplateTrainStep:
-    """One optimisation step of network and template on a batch of subjects (``image`` [+ ``attribute``])."""
+class SubjectBatch:
+    """The template trainer's ``prepare_batch``: subjects ``{image, attribute?}`` -> ``(image, image, (),
+    {"attribute": ...})``: the subjects are both the input and the target, their attributes go to the inferer."""
 
-    def __init__(self, loss: TemplateLoss) -> None:
-        self.loss = loss
-        self.warp = Warp(mode="bilinear", padding_mode="border")
+    def __call__(
+        self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        subject = _plain(batchdata["image"]).to(device, non_blocking=non_blocking, **kwargs)
+        return subject, subject, (), {"attribute": batch_attributes(batchdata)}
 
-    def __call__(self, engine, batch: Mapping) -> dict:
-        device = engine.state.device
-        subject = _plain(batch["image"]).to(device, non_blocking=engine.non_blocking)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
-            images, ddf, inverse_ddf = _template_and_fields(engine.network, subject, batch_attributes(batch))
-            terms = self.loss(images, subject, ddf, inverse_ddf)
-        optimizer_step(terms, engine, "subjects " + str(_names(batch)))
-        output = {name: value.item() for name, value in terms.items()}
-        with torch.no_grad():
-            warped = self.warp(images, ddf)
-        output.update(fixed_image=subject.detach(), moving_image=images.detach(), warped_image=warped, ddf=ddf.detach())
-        return output
+    @staticmethod
+    def describe(batchdata: Mapping) -> str:
+        """The subjects of a batch, for error messages."""
+        return "subjects " + str(_names(batchdata))
+
+
+class TemplateInferer:
+    """The template trainer's ``inferer``: subjects -> ``{"template": T(a), "ddf": φ, "inverse_ddf": φ⁻¹}``."""
+
+    def __call__(
+        self, subject: torch.Tensor, network: nn.Module, attribute: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        template, ddf, inverse_ddf = _template_and_fields(network, subject, attribute)
+        return {"template": template, "ddf": ddf, "inverse_ddf": inverse_ddf}
 
 
 def _names(batch: Mapping) -> list[str]:
