@@ -279,6 +279,26 @@ def nested_training_datalists(population: Path, sizes: list[int]) -> dict[int, P
     return datalists
 
 
+def draw_limited_data_brains(results: dict, epochs: int) -> None:
+    """The curve of ``limited_data_brains`` (``{size: test summary}``), with the no-registration baseline."""
+    sizes = [int(size) for size in results]
+    first = next(iter(results.values()))
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.semilogx(sizes, [r["registered_mean_dice"] for r in results.values()], "o-", label="registered")
+    axis.axhline(first["identity_mean_dice"], color="0.6", linestyle="--", label="no registration")
+    axis.minorticks_off()
+    axis.set_xticks(sizes)
+    axis.set_xticklabels([str(size) for size in sizes])
+    axis.set_xlabel("training subjects (synthetic 2D brains)")
+    axis.set_ylabel(f"mean Dice, {first['pairs']} test pairs")
+    axis.legend()
+    axis.set_title(f"Limited training data, brains ({epochs} epochs x 160 pairs each)")
+    figure.tight_layout()
+    figure.savefig(FIGURES / "tutorial_limited_data_brains.png", dpi=90)
+    plt.close(figure)
+    print(f"wrote {FIGURES / 'tutorial_limited_data_brains.png'}")
+
+
 def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
     """The limited-data curve on synthetic 2D brains: one population, nested training sets, the same test pairs."""
     from scripts.synthetic import ensure_synthetic_dataset
@@ -286,7 +306,6 @@ def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
     spec = {"spatial_dims": 2, "seed": 0, "num_subjects": 76, "num_validation": 4, "num_test": 8}
     population = Path(ensure_synthetic_dataset(str(work / "synthetic_2d_76"), spec))
     datalists = nested_training_datalists(population, BRAIN_TRAIN_SIZES)
-    sizes = list(datalists)
     results = {}
     for size, datalist in datalists.items():
         folder = work / f"brains_train_{size}"
@@ -312,19 +331,7 @@ def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
             f"| {summary['registered_std_log_jacobian']:.3f} |"
         )
     print(f"no registration: mean Dice {first['identity_mean_dice']:.3f}")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.semilogx(sizes, [r["registered_mean_dice"] for r in results.values()], "o-", label="registered")
-    axis.axhline(first["identity_mean_dice"], color="0.6", linestyle="--", label="no registration")
-    axis.set_xticks(sizes)
-    axis.set_xticklabels([str(size) for size in sizes])
-    axis.set_xlabel("training subjects (synthetic 2D brains)")
-    axis.set_ylabel(f"mean Dice, {first['pairs']} test pairs")
-    axis.legend()
-    axis.set_title(f"Limited training data, brains ({epochs} epochs x 160 pairs each)")
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_limited_data_brains.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_limited_data_brains.png'}")
+    draw_limited_data_brains(results, epochs)
     return results
 
 
@@ -531,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep_epochs", type=int, default=5, help="epochs per model of the sweeps")
     parser.add_argument("--brain_epochs", type=int, default=40, help="epochs per synthetic-brain model")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument(
+        "--redraw", action="store_true", help="limited-data-brains: redraw its figure from <work>/tutorial_results.json"
+    )
     parser.add_argument("--figures_dir", default=str(DOCS), help="where the PNGs go (default: bundle/docs)")
     args = parser.parse_args(argv)
     global FIGURES
@@ -552,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
         results["limited_data"] = limited_data(work, args.threads, args.sweep_epochs)
     elif args.experiment == "brains2d":
         results["brains2d"] = brains2d(work, args.threads, args.brain_epochs, Path(args.data))
+    elif args.experiment == "limited-data-brains" and args.redraw:
+        draw_limited_data_brains(results["limited_data_brains"], args.brain_epochs)
     elif args.experiment == "limited-data-brains":
         results["limited_data_brains"] = limited_data_brains(work, args.threads, args.brain_epochs)
     else:
