@@ -20,11 +20,29 @@ from scipy import ndimage
 
 from .files import atomic_folder
 
-__all__ = ["SyntheticSpec", "ensure_synthetic_dataset", "generate_subjects", "scaled_anatomy", "size_class"]
+__all__ = [
+    "DEFAULT_SHAPES",
+    "SyntheticSpec",
+    "default_shape",
+    "ensure_synthetic_dataset",
+    "generate_subjects",
+    "scaled_anatomy",
+    "size_class",
+]
 
 PARAMS_FILE = "synthetic.json"
 # Bump when the generator's output changes, so copies written by an older version are regenerated.
 GENERATOR_VERSION = 2
+
+
+DEFAULT_SHAPES = {2: [96, 96], 3: [32, 32, 32]}
+
+
+def default_shape(spatial_dims: int) -> list[int]:
+    """The grid of the default synthetic subjects, which is also train.yaml's default network input size."""
+    if spatial_dims not in DEFAULT_SHAPES:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    return list(DEFAULT_SHAPES[spatial_dims])
 
 
 class SyntheticSpec(dict):
@@ -45,7 +63,7 @@ class SyntheticSpec(dict):
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        shape = list(shape) if shape is not None else ([96, 96] if spatial_dims == 2 else [32, 32, 32])
+        shape = list(shape) if shape is not None else default_shape(spatial_dims)
         if len(shape) != spatial_dims:
             raise ValueError(f"shape {shape} has {len(shape)} axes but spatial_dims is {spatial_dims}")
         if num_validation + num_test + 2 > num_subjects:
