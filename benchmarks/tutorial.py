@@ -49,6 +49,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 DOCS = REPO / "bundle" / "docs"
 FIGURES = DOCS  # where the figures go (--figures_dir; tests draw into a temporary folder)
+# The sweeps; a test runs each experiment with shorter ones and SMOKE_OVERRIDES (e.g. fewer pairs per epoch).
+LAMBDAS = [0.001, 0.003, 0.01, 0.03, 0.1]
+DIGIT_TRAIN_SIZES = [2, 5, 10, 50, 400]  # pairwise sampling needs two subjects
+BRAIN_TRAIN_SIZES = [2, 4, 8, 16, 64]
+SMOKE_OVERRIDES: dict = {}
 TRAINING = [str(CONFIGS / "train.yaml"), str(CONFIGS / "mnist.yaml")]
 sys.path.insert(0, str(REPO / "bundle"))
 
@@ -57,7 +62,7 @@ def bundle(run_id: str, configs: list[str], overrides: dict, threads: int) -> st
     """Run ``python -m monai.bundle run <run_id>`` in a fresh process; return its output, failing loudly."""
     config = "[" + ",".join(f"'{c}'" for c in configs) + "]" if len(configs) > 1 else configs[0]
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
-    for key, value in overrides.items():
+    for key, value in {**overrides, **SMOKE_OVERRIDES}.items():
         command += [f"--{key}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
@@ -199,7 +204,7 @@ def train_and_test(work: Path, name: str, threads: int, epochs: int, overrides: 
 
 
 def regularization(work: Path, threads: int, epochs: int) -> dict:
-    weights = [0.001, 0.003, 0.01, 0.03, 0.1]
+    weights = LAMBDAS
     results = {}
     for weight in weights:
         summary = train_and_test(work, f"lambda_{weight:g}", threads, epochs, {"regularization_weight": weight})
@@ -238,7 +243,7 @@ def regularization(work: Path, threads: int, epochs: int) -> dict:
 
 
 def limited_data(work: Path, threads: int, epochs: int) -> dict:
-    sizes = [2, 5, 10, 50, 400]  # pairwise sampling needs two subjects
+    sizes = DIGIT_TRAIN_SIZES
     results = {}
     for size in sizes:
         overrides = {"datalist#num_train": size, "mnist_dir": work / f"mnist_digit5_train{size}"}
@@ -455,8 +460,6 @@ def brains2d(work: Path, threads: int, epochs: int, data: Path) -> dict:
     print(f"wrote {FIGURES / 'tutorial_brains2d.png'}")
     return results
 
-
-BRAIN_TRAIN_SIZES = [2, 4, 8, 16, 64]
 
 # the 2D synthetic label maps hold structures 1-3 and 5-8 (none of the 24 subjects has label 4)
 OBSERVED, UNOBSERVED = [1, 2, 3, 5], [6, 7, 8]

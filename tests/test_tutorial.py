@@ -83,3 +83,68 @@ def test_limited_data_curve_on_brains_uses_nested_training_sets_and_the_same_tes
         assert len(held_out) == 1  # the same held-out subjects for every size
     test_images = set(next(iter(held_out)))
     assert not test_images & set(training[8])
+
+
+def _cli_value(value):
+    """What the bundle CLI (python-fire) makes of an override the tutorial driver passes as text or a path."""
+    import ast
+
+    if isinstance(value, Path):
+        return str(value)
+    if value in ("true", "false"):
+        return value == "true"
+    if isinstance(value, str) and value.startswith("["):
+        return ast.literal_eval(value)
+    return value
+
+
+def test_every_tutorial_experiment_runs_at_a_tiny_size(tmp_path, monkeypatch):
+    """benchmarks/tutorial.py end to end, each experiment with one-epoch models, short sweeps and few pairs, bundle
+    runs in-process (the CLI's start-up would cost most of the time): tables, figures and results are written."""
+    import importlib.util
+
+    import monai.bundle
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("tutorial_driver", REPO / "benchmarks" / "tutorial.py")
+    tutorial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tutorial)
+
+    def in_process(run_id: str, configs: list[str], overrides: dict, threads: int) -> str:
+        settings = {key: _cli_value(value) for key, value in {**overrides, **tutorial.SMOKE_OVERRIDES}.items()}
+        monai.bundle.run(run_id, config_file=configs if len(configs) > 1 else configs[0], **settings)
+        return ""
+
+    monkeypatch.setattr(tutorial, "bundle", in_process)
+    monkeypatch.setattr(tutorial, "LAMBDAS", [0.01])
+    monkeypatch.setattr(tutorial, "DIGIT_TRAIN_SIZES", [2])
+    monkeypatch.setattr(tutorial, "BRAIN_TRAIN_SIZES", [2])
+    monkeypatch.setattr(tutorial, "SMOKE_OVERRIDES", {"num_pairs_per_epoch": 16})
+    figures, work = tmp_path / "figures", tmp_path / "work"
+    common = ["--work", str(work), "--figures_dir", str(figures), "--threads", "2", "--epochs", "1"]
+    common += ["--sweep_epochs", "1", "--brain_epochs", "1"]
+    experiments = {
+        "mnist": "tutorial_mnist_pairs.png",
+        "out-of-sample": "tutorial_out_of_sample.png",
+        "regularization": "tutorial_regularization.png",
+        "limited-data": "tutorial_limited_data.png",
+        "semi-supervised": "tutorial_semi_supervised.png",
+        "brains2d": "tutorial_brains2d.png",
+        "limited-data-brains": "tutorial_limited_data_brains.png",
+    }
+    for experiment, figure in experiments.items():
+        tutorial.main([experiment, *common])
+        assert (figures / figure).stat().st_size > 5000, experiment
+    results = json.loads((work / "tutorial_results.json").read_text())
+    assert set(results) == {
+        "mnist",
+        "out_of_sample",
+        "regularization",
+        "limited_data",
+        "semi_supervised",
+        "brains2d",
+        "limited_data_brains",
+    }
+    assert len(results["out_of_sample"]) >= 10 and set(results["limited_data_brains"]) == {"2"}
+    for summary in results["regularization"].values():
+        assert 0.0 < summary["identity_mean_dice"] < 1.0 and 0.0 < summary["registered_mean_dice"] < 1.0
