@@ -185,21 +185,20 @@ def out_of_sample(work: Path, threads: int, data: Path) -> dict:
     return results
 
 
-def train_and_test(work: Path, name: str, threads: int, epochs: int, overrides: dict) -> dict:
-    """Train one model with ``overrides`` into ``work/name`` and return its test-section summary."""
-    folder = work / name
+def train_and_test(folder: Path, configs: list[str], threads: int, epochs: int, overrides: dict) -> dict:
+    """Train one model with ``configs`` + ``overrides`` into ``folder``, evaluate it on the datalist's test section
+    (``evaluate.yaml``) and return the test summary."""
     settings = {
         "output_dir": folder / "runs",
         "ckpt_dir": folder / "models",
-        "mnist_dir": work / "mnist_digit5",
         "max_epochs": epochs,
         "val_interval": epochs,
         "overwrite_model": "true",
         **overrides,
     }
-    bundle("training", TRAINING, settings, threads)
+    bundle("training", configs, settings, threads)
     evaluate = {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}
-    bundle("evaluating", TRAINING + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
+    bundle("evaluating", configs + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
     return json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
 
 
@@ -207,7 +206,8 @@ def regularization(work: Path, threads: int, epochs: int) -> dict:
     weights = LAMBDAS
     results = {}
     for weight in weights:
-        summary = train_and_test(work, f"lambda_{weight:g}", threads, epochs, {"regularization_weight": weight})
+        overrides = {"regularization_weight": weight, "mnist_dir": work / "mnist_digit5"}
+        summary = train_and_test(work / f"lambda_{weight:g}", TRAINING, threads, epochs, overrides)
         results[f"{weight:g}"] = summary
     print("| λ (bending energy) | mean Dice | folded voxels % | std log det J |")
     print("|---|---|---|---|")
@@ -247,7 +247,7 @@ def limited_data(work: Path, threads: int, epochs: int) -> dict:
     results = {}
     for size in sizes:
         overrides = {"datalist#num_train": size, "mnist_dir": work / f"mnist_digit5_train{size}"}
-        results[str(size)] = train_and_test(work, f"train_{size}", threads, epochs, overrides)
+        results[str(size)] = train_and_test(work / f"train_{size}", TRAINING, threads, epochs, overrides)
     print("| training digits | mean Dice (40 test pairs) | folded voxels % |")
     print("|---|---|---|")
     for size, summary in results.items():
@@ -314,19 +314,8 @@ def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
     results = {}
     for size, datalist in datalists.items():
         folder = work / f"brains_train_{size}"
-        settings = {
-            "datalist": datalist,
-            "output_dir": folder / "runs",
-            "ckpt_dir": folder / "models",
-            "max_epochs": epochs,
-            "val_interval": epochs,
-            "overwrite_model": "true",
-        }
-        train_yaml = [str(CONFIGS / "train.yaml")]
-        bundle("training", train_yaml, settings, threads)
-        evaluate = {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}
-        bundle("evaluating", train_yaml + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
-        results[str(size)] = json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+        summary = train_and_test(folder, [str(CONFIGS / "train.yaml")], threads, epochs, {"datalist": datalist})
+        results[str(size)] = summary
     first = next(iter(results.values()))
     print(f"| training brains | mean Dice ({first['pairs']} test pairs) | folded voxels % | std log det J |")
     print("|---|---|---|---|")
@@ -368,19 +357,7 @@ def brains2d(work: Path, threads: int, epochs: int, data: Path) -> dict:
 
     folder = work / "brains2d"
     population = Path(ensure_synthetic_dataset(str(work / "synthetic_2d"), {"spatial_dims": 2, "seed": 0}))
-    settings = {
-        "datalist": population,
-        "output_dir": folder / "runs",
-        "ckpt_dir": folder / "models",
-        "max_epochs": epochs,
-        "val_interval": epochs,
-        "overwrite_model": "true",
-    }
-    train_yaml = [str(CONFIGS / "train.yaml")]
-    bundle("training", train_yaml, settings, threads)
-    evaluate = {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}
-    bundle("evaluating", train_yaml + [str(CONFIGS / "evaluate.yaml")], evaluate, threads)
-    summary = json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+    summary = train_and_test(folder, [str(CONFIGS / "train.yaml")], threads, epochs, {"datalist": population})
     results = {
         f"synthetic test pairs ({summary['pairs']}), network": {
             "identity": summary["identity_mean_dice"],
@@ -467,24 +444,12 @@ OBSERVED, UNOBSERVED = [1, 2, 3, 5], [6, 7, 8]
 
 def semi_supervised(work: Path, threads: int, epochs: int) -> dict:
     """VoxelMorph's observed/unobserved experiment on the synthetic 2D data (8 structures)."""
-    train_yaml = [str(CONFIGS / "train.yaml")]
-    evaluate = train_yaml + [str(CONFIGS / "evaluate.yaml")]
     variants = {"unsupervised": {}, "Dice on structures 1-3, 5": {"label_weight": 1.0, "train_label_ids": "[1,2,3,5]"}}
     results = {}
     for name, options in variants.items():
         folder = work / ("semi_" + ("unsupervised" if not options else "dice_observed"))
-        settings = {
-            "output_dir": folder / "runs",
-            "ckpt_dir": folder / "models",
-            "synthetic_dir": work / "synthetic_2d",
-            "max_epochs": epochs,
-            "val_interval": epochs,
-            "overwrite_model": "true",
-            **options,
-        }
-        bundle("training", train_yaml, settings, threads)
-        bundle("evaluating", evaluate, {**settings, "eval_output_dir": folder / "eval", "eval_hd95": "false"}, threads)
-        summary = json.loads((folder / "eval" / "metrics.json").read_text())["summary"]
+        overrides = {"synthetic_dir": work / "synthetic_2d", **options}
+        summary = train_and_test(folder, [str(CONFIGS / "train.yaml")], threads, epochs, overrides)
         per_label = {int(k): v for k, v in summary["registered_dice_per_label"].items()}
         identity = {int(k): v for k, v in summary["identity_dice_per_label"].items()}
         results[name] = {
