@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.nets import VoxelMorphUNet
-from scripts.integrate import integrate_velocity, warp
-from scripts.losses import BoxLNCCLoss
+from scripts.integrate import grid_sample, integrate_velocity, warp
+from scripts.losses import BoxLNCCLoss, FastBendingEnergyLoss, box_sum
 from scripts.metrics import deformation_stats
 from scripts.network import RegistrationNet
 from scripts.refine import VelocityRefiner, downsample_image
@@ -41,6 +41,66 @@ def test_grid_sample_integration_and_warp_equal_monai(shape):
     image = torch.rand((1, 1) + shape, generator=torch.Generator().manual_seed(2))
     ddf = DVF2DDF(num_steps=5)(velocity)
     torch.testing.assert_close(warp(image, ddf), Warp(mode="bilinear", padding_mode="border")(image, ddf))
+    labels = torch.randint(0, 5, (1, 1) + shape, generator=torch.Generator().manual_seed(3)).float()
+    torch.testing.assert_close(
+        warp(labels, ddf, mode="nearest", padding_mode="zeros"), Warp(mode="nearest", padding_mode="zeros")(labels, ddf)
+    )
+
+
+@pytest.mark.parametrize("shape", [(13, 7), (11, 6, 5), (2, 9, 4)])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_threaded_grid_sample_equals_torch_values_and_gradients(shape, mode):
+    """One pair cut into per-thread slabs (rows not a multiple of the thread count) gives torch's own answer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        generator = torch.Generator().manual_seed(4)
+        image = torch.rand((1, 3) + shape, generator=generator, requires_grad=True)
+        grid = (torch.rand((1,) + shape + (len(shape),), generator=generator) * 2.4 - 1.2).requires_grad_(True)
+        expected = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+        sampled = grid_sample(image, grid, mode=mode, padding_mode="border")
+        torch.testing.assert_close(sampled, expected, rtol=0, atol=0)
+        weights = torch.rand(expected.shape, generator=generator)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), [image, grid])
+        grads = torch.autograd.grad((sampled * weights).sum(), [image, grid])
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 9, 12), (1, 3, 7, 8, 9)])
+def test_fast_bending_energy_equals_monai_value_and_gradient(shape):
+    field = _smooth_field(shape[2:], amplitude=3.0).repeat(shape[0], 1, *([1] * (len(shape) - 2)))
+    field = (field + 0.1 * torch.rand(shape, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
+    expected = BendingEnergyLoss()(field)
+    energy = FastBendingEnergyLoss()(field)
+    torch.testing.assert_close(energy, expected)
+    (expected_grad,) = torch.autograd.grad(2.5 * expected, field)
+    (grad,) = torch.autograd.grad(2.5 * energy, field)
+    torch.testing.assert_close(grad, expected_grad)
+    assert FastBendingEnergyLoss()(torch.zeros(shape)) == 0  # an affine field (here zero) bends nothing
+    with pytest.raises(ValueError, match="longer than 2"):
+        FastBendingEnergyLoss()(torch.zeros(1, 2, 2, 9))
+
+
+def test_box_sum_gradient_is_the_box_sum_of_the_gradient():
+    """The box sum is symmetric (its own adjoint): the written-out backward equals autograd's through the slices."""
+    generator = torch.Generator().manual_seed(6)
+    volumes = torch.rand(1, 2, 9, 8, 7, generator=generator, requires_grad=True)
+    weights = torch.rand(1, 2, 9, 8, 7, generator=generator)
+    (grad,) = torch.autograd.grad((box_sum(volumes, 5) * weights).sum(), volumes)
+    direct = volumes.detach().clone().requires_grad_(True)
+    total = torch.zeros_like(weights)
+    for shift in torch.cartesian_prod(*[torch.arange(-2, 3)] * 3).tolist():  # sum of the 125 shifted copies
+        padded = F.pad(direct, [2] * 6)
+        total = (
+            total
+            + padded[:, :, 2 + shift[0] : 11 + shift[0], 2 + shift[1] : 10 + shift[1], 2 + shift[2] : 9 + shift[2]]
+        )
+    torch.testing.assert_close(box_sum(volumes, 5), total.detach(), rtol=1e-5, atol=1e-5)
+    (expected,) = torch.autograd.grad((total * weights).sum(), direct)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_downsampling_network_runs_its_backbone_on_block_averages():

@@ -12,7 +12,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["identity_grid", "integrate_velocity", "warp"]
+__all__ = ["grid_sample", "identity_grid", "integrate_velocity", "warp"]
+
+
+def grid_sample(
+    image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """``F.grid_sample`` (``align_corners=True``) that uses every CPU thread for a batch of one.
+
+    PyTorch's CPU kernels (forward and backward, 2D and 3D) parallelise over the batch only, so one pair — every
+    integration step and warp of inference and test-time refinement — runs on one core. Here the output grid is cut
+    along its first spatial axis into one slab per thread, the slabs become the batch and the image is shared
+    (``expand``, no copy; autograd sums its gradient over the slabs). Each output value is computed exactly as before;
+    about 2x faster on 2 cores. ``image`` ``(B, C, *spatial)``, ``grid`` ``(B, *out_spatial, d)``.
+    """
+    threads = torch.get_num_threads()
+    rows = grid.shape[1]
+    if image.device.type != "cpu" or grid.shape[0] != 1 or threads < 2 or rows < 2 * threads:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    slab = -(-rows // threads)
+    padded = slab * threads
+    if padded > rows:  # repeat the last row so that every slab has the same size; cropped below
+        grid = torch.cat([grid, grid[:, -1:].expand(1, padded - rows, *grid.shape[2:])], dim=1)
+    slabs = grid.reshape(threads, slab, *grid.shape[2:])
+    sampled = F.grid_sample(
+        image.expand(threads, *image.shape[1:]), slabs, mode=mode, padding_mode=padding_mode, align_corners=True
+    )
+    # (threads, C, slab, ...) -> (1, C, threads * slab, ...), slabs back in order along the first axis
+    joined = sampled.transpose(0, 1).reshape(1, image.shape[1], padded, *sampled.shape[3:])
+    return joined[:, :, :rows]
 
 
 def identity_grid(shape: torch.Size | list[int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -50,9 +78,7 @@ def integrate_velocity(
     grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype) if grid is None else grid
     flow = _to_normalised(velocity / (2.0**steps))
     for _ in range(steps):
-        sampled = F.grid_sample(
-            flow.movedim(-1, 1), grid + flow, mode="bilinear", padding_mode=padding_mode, align_corners=True
-        )
+        sampled = grid_sample(flow.movedim(-1, 1), grid + flow, mode="bilinear", padding_mode=padding_mode)
         flow = flow + sampled.movedim(1, -1)
     return _to_voxels(flow)
 
@@ -62,4 +88,4 @@ def warp(
 ) -> torch.Tensor:
     """``image ∘ (id + ddf)``: ``(B, C, *spatial)`` image, ``(B, d, *spatial)`` voxel displacement."""
     grid = identity_grid(ddf.shape[2:], ddf.device, ddf.dtype) if grid is None else grid
-    return F.grid_sample(image, grid + _to_normalised(ddf), mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample(image, grid + _to_normalised(ddf), mode=mode, padding_mode=padding_mode)

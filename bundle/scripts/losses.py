@@ -5,6 +5,10 @@ slowly on the CPU (a 3D brain at 1 mm: seconds per call). A box window needs no 
 (cumulative sum, then a difference) compute the same local sums about twice as fast, forward and backward, and
 give the same value as MONAI's rectangular kernel (a test checks it), so training and test-time refinement can
 afford full-resolution similarity.
+
+Both operators here are linear or quadratic, so their gradients are written out instead of recorded by autograd:
+autograd's backward of every slice allocates and zero-fills a tensor of the input's size, which costs more than the
+arithmetic itself (a box sum is its own adjoint; the bending energy's gradient is ``2 Σ w_k D_kᵀ D_k u / N``).
 """
 
 from __future__ import annotations
@@ -13,14 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BoxLNCCLoss", "box_sum"]
+__all__ = ["BoxLNCCLoss", "FastBendingEnergyLoss", "box_sum"]
 
 
-def box_sum(volumes: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Sum over a centred ``kernel_size`` box (zero padding) of each channel of ``(B, C, *spatial)``.
-
-    Per axis: zero-pad, cumulative sum, difference of two shifted views; O(1) per voxel whatever the window.
-    """
+def _box_sum(volumes: torch.Tensor, kernel_size: int) -> torch.Tensor:
     half = kernel_size // 2
     for axis in range(2, volumes.dim()):
         padding = [0] * (2 * (volumes.dim() - 2))
@@ -30,6 +30,29 @@ def box_sum(volumes: torch.Tensor, kernel_size: int) -> torch.Tensor:
         size = volumes.shape[axis]
         volumes = cumulative.narrow(axis, kernel_size, size) - cumulative.narrow(axis, 0, size)
     return volumes
+
+
+class _BoxSum(torch.autograd.Function):
+    """A centred box sum with zero padding is symmetric, so its backward is the same box sum of the gradient."""
+
+    @staticmethod
+    def forward(ctx, volumes: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        ctx.kernel_size = kernel_size
+        return _box_sum(volumes, kernel_size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _box_sum(grad, ctx.kernel_size), None
+
+
+def box_sum(volumes: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Sum over a centred ``kernel_size`` box (zero padding) of each channel of ``(B, C, *spatial)``.
+
+    Per axis: zero-pad, cumulative sum, difference of two shifted views; O(1) per voxel whatever the window.
+    """
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    return _BoxSum.apply(volumes, int(kernel_size))
 
 
 class BoxLNCCLoss(nn.Module):
@@ -61,3 +84,79 @@ class BoxLNCCLoss(nn.Module):
         t_var = torch.clamp(t2_sum - t_sum * t_sum / volume, min=self.smooth_dr)
         p_var = torch.clamp(p2_sum - p_sum * p_sum / volume, min=self.smooth_dr)
         return -torch.mean(cross * cross / (t_var * p_var))
+
+
+def _bending_stencils(spatial_dims: int) -> list[tuple[float, list[tuple[float, tuple[int, ...]]]]]:
+    """``[(w_k, [(coefficient, offset per axis), ...])]``: the second-difference stencils of MONAI's bending energy.
+
+    Pure ``∂²/∂a²``: ``u[a+1] - 2u[a] + u[a-1]`` (w = 1); mixed ``∂²/∂a∂b`` (a < b):
+    ``(u[a+1,b+1] - u[a+1,b-1] - u[a-1,b+1] + u[a-1,b-1]) / 4`` (w = 2). Offsets 0/1/2 stand for -1/0/+1.
+    """
+    stencils = []
+    for a in range(spatial_dims):
+        for b in range(a, spatial_dims):
+            terms = []
+            if a == b:
+                for offset, coefficient in ((2, 1.0), (1, -2.0), (0, 1.0)):
+                    position = [1] * spatial_dims
+                    position[a] = offset
+                    terms.append((coefficient, tuple(position)))
+                stencils.append((1.0, terms))
+            else:
+                for offset_a, offset_b, coefficient in ((2, 2, 0.25), (2, 0, -0.25), (0, 2, -0.25), (0, 0, 0.25)):
+                    position = [1] * spatial_dims
+                    position[a], position[b] = offset_a, offset_b
+                    terms.append((coefficient, tuple(position)))
+                stencils.append((2.0, terms))
+    return stencils
+
+
+def _interior(field: torch.Tensor, position: tuple[int, ...]) -> torch.Tensor:
+    """The view of ``field`` ``(B, C, *spatial)`` shifted by ``position`` (0/1/2 per axis), of the interior's size."""
+    for axis, offset in enumerate(position):
+        field = field.narrow(axis + 2, offset, field.shape[axis + 2] - 2)
+    return field
+
+
+class _BendingEnergy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, field: torch.Tensor) -> torch.Tensor:
+        stencils = _bending_stencils(field.dim() - 2)
+        differences = []
+        energy = field.new_zeros(())
+        for weight, terms in stencils:
+            difference = sum(coefficient * _interior(field, position) for coefficient, position in terms)
+            energy = energy + weight * difference.square().sum()
+            differences.append(difference)
+        count = differences[0].numel()
+        ctx.save_for_backward(*differences)
+        ctx.field_shape, ctx.count = field.shape, count
+        return energy / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        differences = ctx.saved_tensors
+        gradient = differences[0].new_zeros(ctx.field_shape)
+        scale = 2.0 * grad / ctx.count
+        for (weight, terms), difference in zip(_bending_stencils(len(ctx.field_shape) - 2), differences):
+            scaled = difference * (scale * weight)
+            for coefficient, position in terms:  # D_kᵀ: scatter each stencil tap back to where it was read
+                _interior(gradient, position).add_(scaled, alpha=coefficient)
+        return gradient
+
+
+class FastBendingEnergyLoss(nn.Module):
+    """MONAI's ``BendingEnergyLoss`` (``normalize=False``, mean reduction), same value, gradient written out.
+
+    ``E(u) = mean over (B, C, interior) of Σ_a (∂²u/∂a²)² + 2 Σ_{a<b} (∂²u/∂a∂b)²`` with MONAI's compact stencils
+    (interior: every axis without its first and last voxel). ``E`` is quadratic, ``E = Σ_k w_k |D_k u|² / N``, so
+    ``∇E = 2 Σ_k w_k D_kᵀ D_k u / N``: one zero-filled tensor instead of one per slice (autograd's way) — about 3x
+    faster forward + backward on a 3D field on the CPU, which test-time refinement evaluates at every iteration.
+    """
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        if field.dim() not in (3, 4, 5) or field.shape[1] != field.dim() - 2:
+            raise ValueError(f"expected a (B, d, *spatial) displacement field with d spatial axes, got {field.shape}")
+        if min(field.shape[2:]) <= 2:
+            raise ValueError(f"every spatial axis must be longer than 2, got {tuple(field.shape[2:])}")
+        return _BendingEnergy.apply(field)

@@ -11,6 +11,7 @@ test-time refinement), which is no ``loss(network(x), y)``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +22,7 @@ from monai.networks.blocks import Warp
 from monai.utils import CommonKeys
 from torch import nn
 
+from .integrate import warp
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
@@ -197,8 +199,9 @@ class RegistrationEvalStep:
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
         self.refiner = refiner if refiner is not None and refiner.enabled else None
-        self.warp_image = Warp(mode="bilinear", padding_mode="border")
-        self.warp_label = Warp(mode="nearest", padding_mode="zeros")
+        # scripts.integrate.warp: MONAI's Warp convention (a test checks they agree), on every CPU thread
+        self.warp_image = functools.partial(warp, mode="bilinear", padding_mode="border")
+        self.warp_label = functools.partial(warp, mode="nearest", padding_mode="zeros")
 
     def __call__(self, engine, batch: Mapping) -> dict:
         device = engine.state.device
@@ -221,7 +224,7 @@ class RegistrationEvalStep:
             network_seconds /= fixed.shape[0]
             warped_label = None
             if "moving_label" in batch:
-                warped_label = self.warp_label(batch["moving_label"].to(device).float(), ddf)
+                warped_label = self.warp_label(_plain(batch["moving_label"]).to(device).float(), ddf)
         output = {"fixed_image": fixed, "moving_image": moving, "warped_image": warped, "ddf": ddf}
         if warped_label is not None and any(label_present(batch, "moving", i) for i in range(fixed.shape[0])):
             output["warped_label"] = warped_label
