@@ -23,8 +23,8 @@ with the converted field (nearest neighbour) must give nearly the Dice of the to
 Greedy (``Greedy2D``, ``-m NCC 2x2``) register true 2D copies of the slices (``dim[0] = 2``, the file's in-plane
 affine; ITK reads a ``X x Y x 1`` NIfTI as a 2D image with an identity direction, i.e. mirrored in x and y against
 the header) and their 2-component LPS fields are converted with the in-plane block of the fixed affine. The bundle
-ships no 2D model: pass ``--bundle_ckpt`` (a model trained with ``bundle/configs/train.yaml``), else the bundle
-methods fail with the bundle's own "checkpoint not found" message.
+uses its shipped 2D model (``bundle/models/2d/model.pt``) unless ``--bundle_ckpt`` names another (e.g. a model
+trained with ``bundle/configs/train.yaml``).
 
 Timing (wall and CPU seconds, CPU = this process + waited-for children): the bundle runs as the user would run it,
 ``python -m monai.bundle run inference`` in a subprocess, so its time includes interpreter/torch start-up and file
@@ -399,9 +399,9 @@ def _last_error_line(text: str) -> str:
 
 def run_bundle(pair: Pair, ctx: Context, name: str) -> MethodOutput:
     """This bundle exactly as a user runs it (``monai.bundle run inference``), network alone or with a test-time
-    refinement preset (``BUNDLE_VARIANTS``); its ``ddf.nii.gz`` is already in fixed-grid voxels. A 2D pair needs
-    ``--bundle_ckpt`` (no 2D model is shipped); without it the bundle's own "checkpoint not found" error becomes the
-    failed entry."""
+    refinement preset (``BUNDLE_VARIANTS``); its ``ddf.nii.gz`` is already in fixed-grid voxels. Its shipped model
+    for the pair's dimensionality unless ``--bundle_ckpt`` is given; a missing checkpoint's error becomes the failed
+    entry."""
     out = ctx.work / name
     command = [
         sys.executable, "-m", "monai.bundle", "run", "inference",

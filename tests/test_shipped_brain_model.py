@@ -84,7 +84,50 @@ def test_2d_files_get_a_message_naming_the_model_to_train(tmp_path):
     assert process.returncode != 0
     output = process.stdout + process.stderr
     assert "checkpoint not found" in output and "train one with" in output, output[-3000:]
+    assert "bundle/models/2d/model.pt" in output  # names the shipped 2D model too
     assert not (tmp_path / "out").exists()
+
+
+@requires_shared_data
+@pytest.mark.parametrize("refine_iterations", [0, None])
+def test_flag_free_2d_inference_uses_the_shipped_2d_model(tmp_path, refine_iterations):
+    """2D files, no checkpoint flag: the shipped 2D model (trained on random label maps only) registers the real
+    OASIS slices, network alone and with the default refinement, without folding."""
+    data = SHARED_DATA / "oasis2d"
+    overrides = {
+        "fixed_image": data / "subject_a_image.nii.gz",
+        "moving_image": data / "subject_b_image.nii.gz",
+        "fixed_label": data / "subject_a_label.nii.gz",
+        "moving_label": data / "subject_b_label.nii.gz",
+        "output_dir": tmp_path / "out",
+    }
+    if refine_iterations is not None:
+        overrides["refine_iterations"] = refine_iterations
+    process = run_bundle("inference", [INFERENCE], overrides)
+    check_ok(process)
+    assert "models/2d/model.pt" in process.stdout + process.stderr  # the log names the weights it loaded
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert ("refinement" in record) == (refine_iterations is None)
+    assert record["registered_mean_dice"] > record["identity_mean_dice"] + 0.1, record["registered_mean_dice"]
+    assert record["folding_fraction"] < 5e-4
+
+
+def test_shipped_2d_weights_fit_the_2d_network_of_inference_yaml():
+    """models/2d/model.pt loads strictly into the network inference.yaml builds for 2D files."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(INFERENCE)
+    parser["spatial_dims"] = 2
+    parser["bundle_root"] = str(CONFIGS.parent)
+    network = parser.get_parsed_content("network_def")
+    weights = CONFIGS.parent / "models" / "2d" / "model.pt"
+    assert weights.stat().st_size < 25 * 1024 * 1024
+    network.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    with torch.no_grad():
+        ddf = network(torch.rand(1, 2, 160, 192))
+    assert ddf.shape == (1, 2, 160, 192) and torch.isfinite(ddf).all()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a torch file"])
