@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Forward + backward time of the CPU kernels behind refinement and training, the bundle's versions against the plain
+ones they replace (same values; tests/test_refinement.py checks that), on the shipped 3D model's 2 mm grid.
+
+    python benchmarks/cpu_kernels.py [--threads 2] [--repeats 5] [--shape 80 96 112]
+
+Rows: ``grid_sample`` of a 3-channel field (one scaling-and-squaring step) with torch's kernel vs
+``scripts.integrate.grid_sample`` (one slab per thread); MONAI's ``BendingEnergyLoss`` vs ``FastBendingEnergyLoss``;
+the LNCC's box sums through autograd vs the self-adjoint ``box_sum``. Prints a Markdown table of median milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundle"))
+
+from monai.losses import BendingEnergyLoss  # noqa: E402
+from scripts.integrate import grid_sample, identity_grid  # noqa: E402
+from scripts.losses import FastBendingEnergyLoss, _box_sum, box_sum  # noqa: E402
+
+
+def median_ms(step, repeats: int) -> float:
+    """Median wall time of ``step()`` (one warm-up call first), in milliseconds."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape", type=int, nargs=3, default=[80, 96, 112])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = tuple(args.shape)
+    generator = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.randn(1, 3, 10, 12, 14, generator=generator), size=shape, mode="trilinear")
+    flow = (0.01 * smooth.movedim(1, -1)).requires_grad_(True)  # a small displacement, grid_sample units
+    grid = identity_grid(shape)
+    field = (3.0 * smooth).requires_grad_(True)
+    maps = torch.rand((1, 5) + shape, generator=generator, requires_grad=True)  # LNCC's five maps
+
+    def torch_sample():
+        F.grid_sample(flow.movedim(-1, 1), grid + flow, align_corners=True).sum().backward()
+
+    def threaded_sample():
+        grid_sample(flow.movedim(-1, 1), grid + flow).sum().backward()
+
+    rows = [
+        ("grid_sample, 3-channel field", torch_sample, threaded_sample),
+        (
+            "bending energy",
+            lambda: BendingEnergyLoss()(field).backward(),
+            lambda: FastBendingEnergyLoss()(field).backward(),
+        ),
+        (
+            "LNCC box sums (5 maps, window 5)",
+            lambda: _box_sum(maps, 5).sum().backward(),
+            lambda: box_sum(maps, 5).sum().backward(),
+        ),
+    ]
+    print(f"{args.threads} threads, grid {shape}, median of {args.repeats}, forward + backward")
+    print("| kernel | plain ms | bundle ms |")
+    print("|---|---|---|")
+    for name, plain, bundle in rows:
+        print(f"| {name} | {median_ms(plain, args.repeats):.0f} | {median_ms(bundle, args.repeats):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
