@@ -71,15 +71,22 @@ def test_network_alone_with_refine_iterations_zero(tmp_path):
     assert record["folding_fraction"] < 5e-4
 
 
-@requires_shared_data
-def test_2d_files_get_a_message_naming_the_model_to_train(tmp_path):
+def _oasis2d_pair(tmp_path, labels: bool) -> dict:
+    """Inference overrides for the OASIS slice pair (moving subject_b, fixed subject_a), output in ``tmp_path/out``."""
     data = SHARED_DATA / "oasis2d"
     overrides = {
         "fixed_image": data / "subject_a_image.nii.gz",
         "moving_image": data / "subject_b_image.nii.gz",
-        "ckpt_dir": tmp_path / "no_models_here",
         "output_dir": tmp_path / "out",
     }
+    if labels:
+        overrides.update(fixed_label=data / "subject_a_label.nii.gz", moving_label=data / "subject_b_label.nii.gz")
+    return overrides
+
+
+@requires_shared_data
+def test_2d_files_get_a_message_naming_the_model_to_train(tmp_path):
+    overrides = {**_oasis2d_pair(tmp_path, labels=False), "ckpt_dir": tmp_path / "no_models_here"}
     process = run_bundle("inference", [INFERENCE], overrides)
     assert process.returncode != 0
     output = process.stdout + process.stderr
@@ -92,15 +99,7 @@ def test_2d_files_get_a_message_naming_the_model_to_train(tmp_path):
 def test_flag_free_2d_inference_uses_the_shipped_2d_model(tmp_path):
     """2D files, no flag: the shipped 2D model (trained on random label maps only) and the default refinement register
     the real OASIS slices without folding (the network-alone path is the 3D test's)."""
-    data = SHARED_DATA / "oasis2d"
-    overrides = {
-        "fixed_image": data / "subject_a_image.nii.gz",
-        "moving_image": data / "subject_b_image.nii.gz",
-        "fixed_label": data / "subject_a_label.nii.gz",
-        "moving_label": data / "subject_b_label.nii.gz",
-        "output_dir": tmp_path / "out",
-    }
-    process = run_bundle("inference", [INFERENCE], overrides)
+    process = run_bundle("inference", [INFERENCE], _oasis2d_pair(tmp_path, labels=True))
     check_ok(process)
     assert "models/2d/model.pt" in process.stdout + process.stderr  # the log names the weights it loaded
     record = json.loads((tmp_path / "out" / "metrics.json").read_text())
