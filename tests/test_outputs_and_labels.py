@@ -20,7 +20,7 @@ from scripts.files import atomic_write_json
 from scripts.pairs import PairDataset, label_present
 from scripts.registration_step import RegistrationEvalStep
 from scripts.synthetic import SyntheticSpec, ensure_synthetic_dataset
-from scripts.transforms import subject_preprocessing
+from scripts.transforms import CheckIntensityd, subject_preprocessing
 
 TRAIN = str(CONFIGS / "train.yaml")
 INFERENCE = str(CONFIGS / "inference.yaml")
@@ -75,6 +75,18 @@ def test_integer_labels_stored_as_float_are_accepted(tmp_path):
     label = _save(tmp_path / "a_seg.nii.gz", _label(7).astype(np.float32) + 1e-5)
     loaded = subject_preprocessing(2, 1.0, None)({"image": image, "label": label})
     assert set(torch.unique(loaded["label"]).round().tolist()) == {0.0, 7.0}
+
+
+@pytest.mark.parametrize("highest", [1000, 2**21], ids=["counted", "sorted"])
+def test_distinct_label_ids_are_counted_whatever_their_range(highest):
+    """Ids are counted with bincount up to 2^20 and with unique beyond: both count the same way."""
+    check = CheckIntensityd((), "label")
+    sparse = torch.zeros(1, 16, 16)
+    sparse[0, 0, :3] = torch.tensor([3.0, 50.0, float(highest)])
+    check({"label": sparse})  # three ids, however far apart
+    crowded = torch.arange(1, 1002, dtype=torch.float32) + (highest - 1001)  # 1001 distinct ids ending at highest
+    with pytest.raises(ValueError, match=r"has 1001 distinct values, more than max_label_values \(1000\)"):
+        check({"label": crowded.reshape(1, 7, 143)})
 
 
 # ---- metrics files are strict JSON ----

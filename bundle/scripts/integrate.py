@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grid_sample", "identity_grid", "integrate_velocity", "warp"]
+__all__ = ["grid_sample", "identity_grid", "integrate_velocity", "sampling_grid", "warp"]
 
 
 def grid_sample(
@@ -84,9 +84,15 @@ def integrate_velocity(
     return _to_voxels(flow)
 
 
+def sampling_grid(ddf: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """``id + ddf`` in ``grid_sample``'s coordinates ``(B, *spatial, d)``, from a ``(B, d, *spatial)`` voxel
+    displacement; compute it once to warp several images (image and label) with the same field."""
+    grid = identity_grid(ddf.shape[2:], ddf.device, ddf.dtype) if grid is None else grid
+    return grid + _to_normalised(ddf)
+
+
 def warp(
     image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border", grid=None
 ) -> torch.Tensor:
     """``image ∘ (id + ddf)``: ``(B, C, *spatial)`` image, ``(B, d, *spatial)`` voxel displacement."""
-    grid = identity_grid(ddf.shape[2:], ddf.device, ddf.dtype) if grid is None else grid
-    return grid_sample(image, grid + _to_normalised(ddf), mode=mode, padding_mode=padding_mode)
+    return grid_sample(image, sampling_grid(ddf, grid), mode=mode, padding_mode=padding_mode)

@@ -83,16 +83,35 @@ def hd95_per_label(
 def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
     """det J of ``φ(x) = x + u(x)`` for a displacement ``u`` of shape ``(spatial_dims, *spatial)`` in voxels.
 
-    Central differences inside, one-sided at the border (``np.gradient``), the usual choice of evaluation scripts.
+    Central differences inside, one-sided at the border (``np.gradient``'s scheme, computed with ``torch.gradient``
+    on every CPU thread: numpy's single-threaded version took ~0.4 s of each 1 mm inference), the usual choice of
+    evaluation scripts.
     """
+    return _jacobian_determinant(torch.from_numpy(np.asarray(ddf))).numpy()
+
+
+def _gradient(values: torch.Tensor, axis: int) -> torch.Tensor:
+    """``np.gradient(values, axis=axis)`` (unit spacing, first order at the ends) written into one tensor: one pass
+    (``torch.gradient`` builds it from several temporaries and was as slow as numpy here)."""
+    size = values.shape[axis]
+    result = torch.empty_like(values)
+    if size < 2:
+        return result.zero_()
+    torch.sub(values.narrow(axis, 2, size - 2), values.narrow(axis, 0, size - 2), out=result.narrow(axis, 1, size - 2))
+    result.narrow(axis, 1, size - 2).mul_(0.5)
+    torch.sub(values.narrow(axis, 1, 1), values.narrow(axis, 0, 1), out=result.narrow(axis, 0, 1))
+    torch.sub(values.narrow(axis, size - 1, 1), values.narrow(axis, size - 2, 1), out=result.narrow(axis, size - 1, 1))
+    return result
+
+
+def _jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     spatial_dims = ddf.shape[0]
-    if spatial_dims not in (2, 3) or ddf.ndim != spatial_dims + 1:
-        raise ValueError(f"expected a DDF of shape (spatial_dims, *spatial), got {ddf.shape}")
+    if spatial_dims not in (2, 3) or ddf.dim() != spatial_dims + 1:
+        raise ValueError(f"expected a DDF of shape (spatial_dims, *spatial), got {tuple(ddf.shape)}")
     # jac[i][j] = d φ_i / d x_j
-    jac = [
-        [np.gradient(ddf[i], axis=j) + (1.0 if i == j else 0.0) for j in range(spatial_dims)]
-        for i in range(spatial_dims)
-    ]
+    jac = [[_gradient(ddf[i], j) for j in range(spatial_dims)] for i in range(spatial_dims)]
+    for i in range(spatial_dims):
+        jac[i][i] += 1.0
     if spatial_dims == 2:
         return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
     return (
@@ -110,10 +129,10 @@ def deformation_stats(ddf: np.ndarray) -> dict[str, float]:
     ``sdlogj_learn2reg``: the Learn2Reg evaluation script's value, std of log(clip(det J + 3, 1e-9, 1e9)); the
     +3 shift keeps folded voxels in the log, so it is not comparable with the textbook value.
     """
-    det = jacobian_determinant(ddf)
+    det = _jacobian_determinant(torch.from_numpy(np.asarray(ddf)))
     positive = det[det > 0]
     return {
-        "folding_fraction": float((det <= 0).mean()),
-        "std_log_jacobian": float(np.log(positive).std()) if positive.size else float("nan"),
-        "sdlogj_learn2reg": float(np.log(np.clip(det + 3.0, 1e-9, 1e9)).std()),
+        "folding_fraction": 1.0 - positive.numel() / det.numel(),
+        "std_log_jacobian": float(positive.log().std(correction=0)) if positive.numel() else float("nan"),
+        "sdlogj_learn2reg": float((det + 3.0).clamp(1e-9, 1e9).log().std(correction=0)),
     }

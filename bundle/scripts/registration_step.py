@@ -22,7 +22,7 @@ from monai.networks.blocks import Warp
 from monai.utils import CommonKeys
 from torch import nn
 
-from .integrate import warp
+from .integrate import grid_sample, sampling_grid
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
@@ -199,9 +199,10 @@ class RegistrationEvalStep:
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
         self.refiner = refiner if refiner is not None and refiner.enabled else None
-        # scripts.integrate.warp: MONAI's Warp convention (a test checks they agree), on every CPU thread
-        self.warp_image = functools.partial(warp, mode="bilinear", padding_mode="border")
-        self.warp_label = functools.partial(warp, mode="nearest", padding_mode="zeros")
+        # scripts.integrate's sampling: MONAI's Warp convention (a test checks they agree), on every CPU thread; the
+        # image and the label share one sampling grid (id + ddf)
+        self.warp_image = functools.partial(grid_sample, mode="bilinear", padding_mode="border")
+        self.warp_label = functools.partial(grid_sample, mode="nearest", padding_mode="zeros")
 
     def __call__(self, engine, batch: Mapping) -> dict:
         device = engine.state.device
@@ -217,14 +218,15 @@ class RegistrationEvalStep:
                 network_seconds = time.perf_counter() - start
             else:
                 ddf, network_seconds = self._refined_ddf(engine.network, moving, fixed, refinements)
-            warped = self.warp_image(moving, ddf)
+            sampling = sampling_grid(ddf)
+            warped = self.warp_image(moving, sampling)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = (time.perf_counter() - start) / fixed.shape[0]
             network_seconds /= fixed.shape[0]
             warped_label = None
             if "moving_label" in batch:
-                warped_label = self.warp_label(_plain(batch["moving_label"]).to(device).float(), ddf)
+                warped_label = self.warp_label(_plain(batch["moving_label"]).to(device).float(), sampling)
         output = {"fixed_image": fixed, "moving_image": moving, "warped_image": warped, "ddf": ddf}
         if warped_label is not None and any(label_present(batch, "moving", i) for i in range(fixed.shape[0])):
             output["warped_label"] = warped_label

