@@ -47,6 +47,14 @@ def test_inference_runs_the_network_its_model_was_trained_as(spatial_dims, train
     assert inference_grid == training.get_parsed_content("pixdim") * trained.downsample
 
 
+@pytest.mark.parametrize("spatial_dims, differentiated", [(2, None), (3, 2)])
+def test_inference_refiner_differentiates_the_last_squarings_in_3d_only(spatial_dims, differentiated):
+    """3D refinement differentiates the last 2 of the network's squarings (benchmarks/refine_gradient.py), 2D all."""
+    refiner = _parsed(["inference.yaml"], {"spatial_dims": spatial_dims}).get_parsed_content("refiner")
+    assert refiner.differentiated_squarings == differentiated
+    assert refiner.enabled and refiner.integration_steps == (5 if spatial_dims == 3 else 7)
+
+
 @pytest.mark.parametrize("training_configs", [["train.yaml"], ["train.yaml", "brain3d.yaml"]])
 def test_training_augmentation_never_gives_both_images_the_same_noise(training_configs):
     """A random dictionary transform draws once for all its keys: one noise/bias transform over both images would

@@ -132,9 +132,44 @@ def _synthetic_pair(shape=(32, 36, 28)) -> tuple[torch.Tensor, torch.Tensor]:
     return moved, image
 
 
-def test_refinement_lowers_the_loss_and_keeps_the_field_unfolded():
+def test_truncated_integration_gradient_keeps_the_value_and_approximates_the_gradient():
+    """differentiated_steps=K: exp(v) itself unchanged; the gradient close to the exact one for a moderate field,
+    not equal to it (the truncation is in effect), and exact for K = steps."""
+    velocity = _smooth_field((20, 18, 16), amplitude=2.0, seed=7)
+    weights = torch.rand(velocity.shape, generator=torch.Generator().manual_seed(8))
+
+    def value_and_gradient(differentiated_steps):
+        field = velocity.clone().requires_grad_()
+        ddf = integrate_velocity(field, 5, differentiated_steps=differentiated_steps)
+        (ddf * weights).sum().backward()
+        return ddf.detach(), field.grad
+
+    exact_ddf, exact_grad = value_and_gradient(None)
+    for steps in (5, 2, 0):
+        ddf, grad = value_and_gradient(steps)
+        torch.testing.assert_close(ddf, exact_ddf, rtol=0, atol=0)
+        cosine = F.cosine_similarity(grad.flatten(), exact_grad.flatten(), dim=0)
+        if steps == 5:
+            torch.testing.assert_close(grad, exact_grad)
+        else:
+            assert not torch.allclose(grad, exact_grad)
+        if steps == 2:  # direction and size both close (a missing 2^-K factor would scale it 4x)
+            assert cosine > 0.995, float(cosine)
+            assert abs(float(grad.norm() / exact_grad.norm()) - 1) < 0.05
+    with torch.no_grad():  # no graph: the plain integration
+        torch.testing.assert_close(integrate_velocity(velocity, 5, differentiated_steps=2), exact_ddf)
+
+
+@pytest.mark.parametrize("differentiated_squarings", [None, 2])
+def test_refinement_lowers_the_loss_and_keeps_the_field_unfolded(differentiated_squarings):
     moving, fixed = _synthetic_pair()
-    refiner = VelocityRefiner(levels=(2, 1), iterations=(30, 15), learning_rate=0.1, kernel_size=5)
+    refiner = VelocityRefiner(
+        levels=(2, 1),
+        iterations=(30, 15),
+        learning_rate=0.1,
+        kernel_size=5,
+        differentiated_squarings=differentiated_squarings,
+    )
     start = torch.zeros(1, 3, *fixed.shape[2:])
     refined, report = refiner(start, moving, fixed, field_factor=1)
     assert [level["factor"] for level in report["levels"]] == [2, 1]

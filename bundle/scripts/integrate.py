@@ -66,21 +66,42 @@ def _to_voxels(field: torch.Tensor) -> torch.Tensor:
     return field.flip(-1).movedim(-1, 1) * scale.view(1, -1, *([1] * len(spatial)))
 
 
+def _squaring(flow: torch.Tensor, grid: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """One composition ``u ← u + u ∘ (id + u)`` in normalised coordinates ``(B, *spatial, d)``."""
+    sampled = grid_sample(flow.movedim(-1, 1), grid + flow, mode="bilinear", padding_mode=padding_mode)
+    return flow + sampled.movedim(1, -1)
+
+
 def integrate_velocity(
-    velocity: torch.Tensor, steps: int, grid: torch.Tensor | None = None, padding_mode: str = "zeros"
+    velocity: torch.Tensor,
+    steps: int,
+    grid: torch.Tensor | None = None,
+    padding_mode: str = "zeros",
+    differentiated_steps: int | None = None,
 ) -> torch.Tensor:
     """``exp(v)`` by scaling and squaring: ``u ← v / 2^steps``, then ``steps`` times ``u ← u + u ∘ (id + u)``.
 
     ``(B, d, *spatial)`` velocity in voxels -> displacement in voxels; ``grid``: a cached ``identity_grid``;
     ``padding_mode="zeros"`` as MONAI's ``DVF2DDF`` (the field is taken as 0 outside the grid).
+
+    ``differentiated_steps = K < steps`` (test-time refinement) keeps the value exact but differentiates only the
+    last ``K`` squarings: the first ``steps - K`` run without a graph, and their result ``exp(v / 2^K)`` enters the
+    graph with its first-order Jacobian ``2^-K · I`` (exact as ``v / 2^K → 0``). Each squaring's backward pass
+    (the ``grid_sample`` backward) is most of a refinement iteration's cost on a CPU; ``None`` differentiates all.
     """
     if steps <= 0:
         return velocity
     grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype) if grid is None else grid
     flow = _to_normalised(velocity / (2.0**steps))
-    for _ in range(steps):
-        sampled = grid_sample(flow.movedim(-1, 1), grid + flow, mode="bilinear", padding_mode=padding_mode)
-        flow = flow + sampled.movedim(1, -1)
+    exact = steps if differentiated_steps is None or not torch.is_grad_enabled() else max(int(differentiated_steps), 0)
+    if exact < steps:
+        with torch.no_grad():
+            for _ in range(steps - exact):
+                flow = _squaring(flow, grid, padding_mode)
+        first = _to_normalised(velocity / (2.0**exact))  # value exp(v / 2^K), gradient 2^-K with respect to v
+        flow = flow + (first - first.detach())
+    for _ in range(exact):
+        flow = _squaring(flow, grid, padding_mode)
     return _to_voxels(flow)
 
 

@@ -52,6 +52,9 @@ class VelocityRefiner:
         kernel_size: LNCC window, in voxels of each level's grid.
         regularization_weight: ``λ`` of the bending energy of the level's displacement field.
         integration_steps: scaling-and-squaring steps (the network's own count).
+        differentiated_squarings: differentiate only the last ``K`` squarings of each integration (the value stays
+            exact; see ``scripts.integrate.integrate_velocity``), ``None`` all: fewer ``grid_sample`` backward
+            passes, the bulk of each iteration's cost on a CPU.
 
     ``__call__(field, moving, fixed, field_factor)``: ``field`` ``(1, d, *coarse)`` is ``v₀`` on a grid ``field_factor``
     times coarser than ``moving``/``fixed`` ``(1, 1, *spatial)``. Returns the refined field (same shape) and a report
@@ -66,6 +69,7 @@ class VelocityRefiner:
         kernel_size: int = 5,
         regularization_weight: float = 1.0,
         integration_steps: int = 5,
+        differentiated_squarings: int | None = None,
     ) -> None:
         levels = [int(level) for level in levels]
         if isinstance(iterations, int):
@@ -78,6 +82,7 @@ class VelocityRefiner:
         self.levels, self.iterations = levels, iterations
         self.learning_rate, self.regularization_weight = float(learning_rate), float(regularization_weight)
         self.integration_steps = int(integration_steps)
+        self.differentiated_squarings = None if differentiated_squarings is None else int(differentiated_squarings)
         self.kernel_size = int(kernel_size)
         self.regularization = FastBendingEnergyLoss()  # MONAI's BendingEnergyLoss, gradient written out
 
@@ -105,10 +110,14 @@ class VelocityRefiner:
         grid = identity_grid(fixed.shape[2:], fixed.device) if grid is None else grid
         if factor >= field_factor:
             velocity = _resize_field(field, fixed.shape[2:], field_factor / factor)
-            ddf = integrate_velocity(velocity, self.integration_steps, grid)
+            ddf = integrate_velocity(
+                velocity, self.integration_steps, grid, differentiated_steps=self.differentiated_squarings
+            )
             regularization = self.regularization(ddf)
         else:
-            coarse = integrate_velocity(field, self.integration_steps, field_grid)
+            coarse = integrate_velocity(
+                field, self.integration_steps, field_grid, differentiated_steps=self.differentiated_squarings
+            )
             regularization = self.regularization(coarse)
             ratio = field_factor / factor
             ddf = _resize_field(coarse, [round(n * ratio) for n in coarse.shape[2:]], ratio)
@@ -128,7 +137,10 @@ class VelocityRefiner:
             return field, report
         parameter = torch.nn.Parameter(field)
         field_grid = identity_grid(field.shape[2:], field.device)
-        optimizer = torch.optim.Adam([parameter], lr=self.learning_rate)
+        # fused: one kernel per step instead of a dozen passes over the field (2.5 vs 14.5 ms on 2 CPU threads for a
+        # 2 mm brain's velocity, 50 steps a pair)
+        fused = parameter.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
         with torch.enable_grad():
             for factor, count in zip(self.levels, self.iterations):
                 if count == 0:
