@@ -85,6 +85,10 @@ class VelocityRefiner:
         self.differentiated_squarings = None if differentiated_squarings is None else int(differentiated_squarings)
         self.kernel_size = int(kernel_size)
         self.regularization = FastBendingEnergyLoss()  # MONAI's BendingEnergyLoss, gradient written out
+        if self.enabled:
+            # torch.optim imports torch._dynamo when the first optimizer of a process is built (~1.7 s on 2 CPU
+            # threads): pay it here, when the config is parsed (Python start-up), not inside the first registration.
+            torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 
     @property
     def enabled(self) -> bool:
