@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
+from nibabel.fileholders import FileHolder
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -43,7 +44,9 @@ def save_nifti_atomic(
     with atomic_output(path, suffix) as temporary:
         if compresslevel is not None and suffix == ".nii.gz":
             with gzip.GzipFile(temporary, "wb", compresslevel=compresslevel, mtime=0) as stream:
-                stream.write(image.to_bytes())
+                # header and array streamed into the gzip file (no intermediate bytes copy of the whole image)
+                holder = FileHolder(fileobj=stream)
+                image.to_file_map({"header": holder, "image": holder})
         else:
             nib.save(image, temporary)
     return path
