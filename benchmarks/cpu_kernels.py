@@ -6,7 +6,9 @@ ones they replace (same values; tests/test_refinement.py checks that), on the sh
 
 Rows: ``grid_sample`` of a 3-channel field (one scaling-and-squaring step) with torch's kernel vs
 ``scripts.integrate.grid_sample`` (one slab per thread); MONAI's ``BendingEnergyLoss`` vs ``FastBendingEnergyLoss``;
-the LNCC's box sums through autograd vs the self-adjoint ``box_sum``. Prints a Markdown table of median milliseconds.
+the LNCC's box sums through autograd vs the self-adjoint ``box_sum``; one Adam step on a velocity of that grid,
+PyTorch's default (foreach) vs ``fused=True`` as test-time refinement builds it (the step alone, no backward).
+Prints a Markdown table of median milliseconds.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def main() -> None:
     grid = identity_grid(shape)
     field = (3.0 * smooth).requires_grad_(True)
     maps = torch.rand((1, 5) + shape, generator=generator, requires_grad=True)  # LNCC's five maps
+    optimizers = {}
+    for name, options in (("foreach", {}), ("fused", {"fused": True})):
+        velocity = torch.nn.Parameter(smooth.clone())
+        velocity.grad = torch.randn(velocity.shape, generator=generator)
+        optimizers[name] = torch.optim.Adam([velocity], lr=0.1, **options)
 
     def torch_sample():
         F.grid_sample(flow.movedim(-1, 1), grid + flow, align_corners=True).sum().backward()
@@ -72,8 +79,9 @@ def main() -> None:
             lambda: _box_sum(maps, 5).sum().backward(),
             lambda: box_sum(maps, 5).sum().backward(),
         ),
+        ("Adam step, 3-channel velocity", optimizers["foreach"].step, optimizers["fused"].step),
     ]
-    print(f"{args.threads} threads, grid {shape}, median of {args.repeats}, forward + backward")
+    print(f"{args.threads} threads, grid {shape}, median of {args.repeats}, forward + backward (Adam: the step)")
     print("| kernel | plain ms | bundle ms |")
     print("|---|---|---|")
     for name, plain, bundle in rows:

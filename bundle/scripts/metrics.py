@@ -83,16 +83,15 @@ def hd95_per_label(
 def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
     """det J of ``φ(x) = x + u(x)`` for a displacement ``u`` of shape ``(spatial_dims, *spatial)`` in voxels.
 
-    Central differences inside, one-sided at the border (``np.gradient``'s scheme, computed with ``torch.gradient``
-    on every CPU thread: numpy's single-threaded version took ~0.4 s of each 1 mm inference), the usual choice of
-    evaluation scripts.
+    Central differences inside, one-sided at the border (``np.gradient``'s scheme, the usual choice of evaluation
+    scripts), computed in torch on every CPU thread (numpy's runs on one; this is part of every inference's time).
     """
     return _jacobian_determinant(torch.from_numpy(np.asarray(ddf))).numpy()
 
 
 def _gradient(values: torch.Tensor, axis: int) -> torch.Tensor:
-    """``np.gradient(values, axis=axis)`` (unit spacing, first order at the ends) written into one tensor: one pass
-    (``torch.gradient`` builds it from several temporaries and was as slow as numpy here)."""
+    """``np.gradient(values, axis=axis)`` (unit spacing, first order at the ends) written into one tensor in one pass
+    (``torch.gradient`` builds it from several temporaries)."""
     size = values.shape[axis]
     result = torch.empty_like(values)
     if size < 2:

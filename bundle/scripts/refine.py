@@ -86,8 +86,9 @@ class VelocityRefiner:
         self.kernel_size = int(kernel_size)
         self.regularization = FastBendingEnergyLoss()  # MONAI's BendingEnergyLoss, gradient written out
         if self.enabled:
-            # torch.optim imports torch._dynamo when the first optimizer of a process is built (~1.7 s on 2 CPU
-            # threads): pay it here, when the config is parsed (Python start-up), not inside the first registration.
+            # torch.optim imports torch._dynamo when the first optimizer of a process is built (seconds: see
+            # `python -X importtime -c "import torch._dynamo"`): pay it here, when the config is parsed (Python
+            # start-up), not inside the first registration.
             torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 
     @property
@@ -141,8 +142,7 @@ class VelocityRefiner:
             return field, report
         parameter = torch.nn.Parameter(field)
         field_grid = identity_grid(field.shape[2:], field.device)
-        # fused: one kernel per step instead of a dozen passes over the field (2.5 vs 14.5 ms on 2 CPU threads for a
-        # 2 mm brain's velocity, 50 steps a pair)
+        # fused: one kernel per step instead of a dozen passes over the field (benchmarks/cpu_kernels.py)
         fused = parameter.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
         with torch.enable_grad():

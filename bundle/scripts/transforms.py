@@ -184,7 +184,7 @@ class CheckIntensityd(MapTransform):
         highest = int(ids.max())
         if highest == 0:
             raise ValueError(f"{name} has no foreground label (all values are 0){self.suffix}")
-        # Counting ids with bincount is one pass (~15 ms for a 1 mm brain); torch.unique sorts (~0.35 s per check).
+        # bincount counts the ids in one pass; torch.unique sorts every voxel (the slowest step of loading a label).
         if highest < 2**20:
             distinct = int(torch.bincount(ids.flatten(), minlength=highest + 1).count_nonzero())
         else:
