@@ -111,26 +111,12 @@ def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
     return _jacobian_determinant(torch.from_numpy(np.asarray(ddf))).numpy()
 
 
-def _gradient(values: torch.Tensor, axis: int) -> torch.Tensor:
-    """``np.gradient(values, axis=axis)`` (unit spacing, first order at the ends) written into one tensor in one pass
-    (``torch.gradient`` builds it from several temporaries)."""
-    size = values.shape[axis]
-    result = torch.empty_like(values)
-    if size < 2:
-        return result.zero_()
-    torch.sub(values.narrow(axis, 2, size - 2), values.narrow(axis, 0, size - 2), out=result.narrow(axis, 1, size - 2))
-    result.narrow(axis, 1, size - 2).mul_(0.5)
-    torch.sub(values.narrow(axis, 1, 1), values.narrow(axis, 0, 1), out=result.narrow(axis, 0, 1))
-    torch.sub(values.narrow(axis, size - 1, 1), values.narrow(axis, size - 2, 1), out=result.narrow(axis, size - 1, 1))
-    return result
-
-
 def _jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     spatial_dims = ddf.shape[0]
     if spatial_dims not in (2, 3) or ddf.dim() != spatial_dims + 1:
         raise ValueError(f"expected a DDF of shape (spatial_dims, *spatial), got {tuple(ddf.shape)}")
     # jac[i][j] = d φ_i / d x_j
-    jac = [[_gradient(ddf[i], j) for j in range(spatial_dims)] for i in range(spatial_dims)]
+    jac = [list(torch.gradient(ddf[i])) for i in range(spatial_dims)]  # np.gradient's scheme, every axis
     for i in range(spatial_dims):
         jac[i][i] += 1.0
     if spatial_dims == 2:
