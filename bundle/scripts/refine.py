@@ -144,15 +144,12 @@ class VelocityRefiner:
         field_grid = identity_grid(field.shape[2:], field.device)
         # fused: one kernel per step instead of a dozen passes over the field (benchmarks/cpu_kernels.py)
         fused = parameter.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
         with torch.enable_grad():
             for factor, count in zip(self.levels, self.iterations):
                 if count == 0:
                     continue
                 level_start = time.perf_counter()
-                # A fresh Adam per level: its moment estimates belong to one level's loss (a coarser level's gradients
-                # have another scale), and carried over they damp the first steps of the next level, where the few
-                # costly fine iterations are (benchmarks/refine_schedule.py: lower objective in the same time).
-                optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
                 moving_level = downsample_image(moving.float(), factor)
                 fixed_level = downsample_image(fixed.float(), factor)
                 grid = identity_grid(fixed_level.shape[2:], fixed_level.device)
