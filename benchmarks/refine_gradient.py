@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from training_pair import DEFAULT_DATA, DIRECTIONS, inference_config, load_pair, shipped_network, training_images
+from training_pair import DEFAULT_DATA, network_starts, refiner_settings
 
 from scripts.refine import VelocityRefiner
 
@@ -29,19 +29,14 @@ def main() -> None:
     parser_.add_argument("--threads", type=int, default=2)
     args = parser_.parse_args()
     torch.set_num_threads(args.threads)
-    images = training_images(args.data)
-    config = inference_config(images["x"])
-    network = shipped_network(config)
+    config, network, starts = network_starts(args.data)
     keys = ("levels", "iterations", "learning_rate", "kernel_size", "regularization_weight", "integration_steps")
-    settings = {key: config.get_parsed_content(f"refiner#{key}") for key in keys}
+    settings = refiner_settings(config, keys)
 
     print(f"{args.threads} threads; refinement {settings}")
     print("| squarings differentiated | direction | loss at the end of each level | seconds per level |")
     print("|---|---|---|---|")
-    for direction in DIRECTIONS:
-        fixed, moving = load_pair(config, images[direction[1]], images[direction[0]])
-        with torch.no_grad():
-            velocity = network.velocity(torch.cat([moving, fixed], dim=1))
+    for direction, (velocity, moving, fixed) in starts.items():
         for choice in args.squarings.split(","):
             squarings = None if choice == "all" else int(choice)
             refiner = VelocityRefiner(**settings, differentiated_squarings=squarings)
@@ -49,7 +44,7 @@ def main() -> None:
             losses = " / ".join(f"{level['loss_end']:.4f}" for level in report["levels"])
             seconds = " / ".join(f"{level['seconds']:.1f}" for level in report["levels"])
             total = f"{report['seconds']:.1f}"
-            print(f"| {choice} | {direction[0]} -> {direction[1]} | {losses} | {seconds} (total {total}) |")
+            print(f"| {choice} | {direction} | {losses} | {seconds} (total {total}) |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from training_pair import DEFAULT_DATA, DIRECTIONS, inference_config, load_pair, shipped_network, training_images
+from training_pair import DEFAULT_DATA, network_starts, refiner_settings
 
 from scripts.metrics import deformation_stats
 from scripts.refine import VelocityRefiner, downsample_image
@@ -45,18 +45,9 @@ def main() -> None:
     parser_.add_argument("--threads", type=int, default=2)
     args = parser_.parse_args()
     torch.set_num_threads(args.threads)
-    images = training_images(args.data)
-    config = inference_config(images["x"])
-    network = shipped_network(config)
+    config, network, pairs = network_starts(args.data)
     keys = ("kernel_size", "regularization_weight", "integration_steps", "differentiated_squarings")
-    settings = {key: config.get_parsed_content(f"refiner#{key}") for key in keys}
-
-    pairs = {}
-    for moving_name, fixed_name in DIRECTIONS:
-        fixed, moving = load_pair(config, images[fixed_name], images[moving_name])
-        with torch.no_grad():
-            velocity = network.velocity(torch.cat([moving, fixed], dim=1))
-        pairs[f"{moving_name} -> {fixed_name}"] = (velocity, moving, fixed)
+    settings = refiner_settings(config, keys)
 
     print(f"{args.threads} threads; objective {settings}")
     print("| schedule (levels : iterations : lr) | direction | objective 2 mm | objective 1 mm | folded % | seconds |")
@@ -67,12 +58,10 @@ def main() -> None:
             refiner = VelocityRefiner(**schedule, **settings)
             field, report = refiner(velocity, moving, fixed, network.downsample)
             with torch.no_grad():
-                objective = {
-                    factor: refiner.level_loss(
-                        field, downsample_image(moving, factor), downsample_image(fixed, factor), 2, factor
-                    )[0].item()
-                    for factor in (2, 1)
-                }
+                objective = {}
+                for factor in (2, 1):
+                    level = (downsample_image(moving, factor), downsample_image(fixed, factor))
+                    objective[factor] = refiner.level_loss(field, *level, network.downsample, factor)[0].item()
                 ddf = network.field_to_ddf(field, fixed.shape[2:])
             folded = 100 * deformation_stats(ddf[0].numpy())["folding_fraction"]
             print(

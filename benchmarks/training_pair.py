@@ -47,3 +47,23 @@ def load_pair(parser: ConfigParser, fixed: Path, moving: Path) -> tuple[torch.Te
     preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
     images = [preprocessing({"image": str(path)})["image"] for path in (fixed, moving)]
     return tuple(torch.as_tensor(image).as_subclass(torch.Tensor)[None].float() for image in images)
+
+
+def network_starts(data: Path | str) -> tuple[ConfigParser, torch.nn.Module, dict[str, tuple[torch.Tensor, ...]]]:
+    """``(config, network, {"y -> x": (velocity, moving, fixed), "x -> y": ...})``: the shipped network's velocity
+    (the refinement's start) and the preprocessed images of both directions of the training pair."""
+    images = training_images(data)
+    config = inference_config(images["x"])
+    network = shipped_network(config)
+    starts = {}
+    for moving_name, fixed_name in DIRECTIONS:
+        fixed, moving = load_pair(config, images[fixed_name], images[moving_name])
+        with torch.no_grad():
+            velocity = network.velocity(torch.cat([moving, fixed], dim=1))
+        starts[f"{moving_name} -> {fixed_name}"] = (velocity, moving, fixed)
+    return config, network, starts
+
+
+def refiner_settings(config: ConfigParser, keys: tuple[str, ...]) -> dict:
+    """The ``refiner`` arguments ``keys`` as ``inference.yaml`` sets them for a 3D pair."""
+    return {key: config.get_parsed_content(f"refiner#{key}") for key in keys}
