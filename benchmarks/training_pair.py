@@ -42,11 +42,10 @@ def shipped_network(config: ConfigParser) -> torch.nn.Module:
     return network.eval()
 
 
-def load_pair(parser: ConfigParser, fixed: Path, moving: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both images through inference.yaml's own preprocessing, as ``(1, 1, *spatial)`` float tensors."""
-    preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
-    images = [preprocessing({"image": str(path)})["image"] for path in (fixed, moving)]
-    return tuple(torch.as_tensor(image).as_subclass(torch.Tensor)[None].float() for image in images)
+def preprocessed(preprocessing, path: Path) -> torch.Tensor:
+    """One image through inference.yaml's own preprocessing, as a ``(1, 1, *spatial)`` float tensor."""
+    image = preprocessing({"image": str(path)})["image"]
+    return torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
 
 
 def network_starts(data: Path | str) -> tuple[ConfigParser, torch.nn.Module, dict[str, tuple[torch.Tensor, ...]]]:
@@ -55,9 +54,11 @@ def network_starts(data: Path | str) -> tuple[ConfigParser, torch.nn.Module, dic
     images = training_images(data)
     config = inference_config(images["x"])
     network = shipped_network(config)
+    preprocessing = config.get_parsed_content("preprocessing", instantiate=True)
+    loaded = {name: preprocessed(preprocessing, path) for name, path in images.items()}  # each image read once
     starts = {}
     for moving_name, fixed_name in DIRECTIONS:
-        fixed, moving = load_pair(config, images[fixed_name], images[moving_name])
+        fixed, moving = loaded[fixed_name], loaded[moving_name]
         with torch.no_grad():
             velocity = network.velocity(torch.cat([moving, fixed], dim=1))
         starts[f"{moving_name} -> {fixed_name}"] = (velocity, moving, fixed)
