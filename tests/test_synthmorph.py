@@ -71,6 +71,19 @@ def test_random_deformations_are_smooth_and_never_fold(shape):
     assert three_d["fixed_image"].shape == (1, *shape)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="drawing pairs on the GPU needs CUDA; CI has no GPU")
+def test_pairs_drawn_on_the_gpu_stay_there_and_repeat_per_seed():
+    data = SynthMorphPairs([40, 48, 56], num_pairs=2, num_labels=8, deterministic=True, seed=2, device="cuda")
+    pair = data[0]
+    for role in ("moving", "fixed"):
+        image, label = pair[f"{role}_image"], pair[f"{role}_label"]
+        assert image.is_cuda and label.is_cuda and image.shape == (1, 40, 48, 56)
+        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert set(label.unique().tolist()) <= set(range(1, 9)) and label.unique().numel() >= 4
+    assert _overlap(pair["moving_label"], pair["fixed_label"]) > 0.6  # one anatomy, deformed twice
+    assert torch.equal(data[0]["moving_image"], pair["moving_image"])  # the same seed gives the same pair
+
+
 def test_zero_similarity_keeps_the_graph():
     warped = torch.rand(1, 1, 8, 8, requires_grad=True)
     loss = ZeroSimilarity()(warped, torch.rand(1, 1, 8, 8))

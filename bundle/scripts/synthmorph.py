@@ -49,7 +49,7 @@ def _upsample(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def _coarse_noise(generator: torch.Generator, channels: int, shape: Sequence[int], factor: float) -> torch.Tensor:
     """``(1, channels, *shape)``: standard normal noise on a grid ``factor`` times coarser, upsampled (smooth)."""
     coarse = [max(2, round(n / factor)) for n in shape]
-    return _upsample(torch.randn(1, channels, *coarse, generator=generator), shape)
+    return _upsample(torch.randn(1, channels, *coarse, generator=generator, device=generator.device), shape)
 
 
 def random_diffeomorphism(
@@ -58,10 +58,12 @@ def random_diffeomorphism(
     """A smooth invertible displacement ``(1, d, *shape)`` in voxels: a random velocity (white noise of standard
     deviation ``U(0, max_std)`` voxels on a grid ``factor`` times coarser) integrated by scaling and squaring on that
     grid, then upsampled linearly (as the network's own ``downsample``): cheap at any size."""
-    std = float(torch.rand((), generator=generator)) * max_std
+    device = generator.device
+    std = float(torch.rand((), generator=generator, device=device)) * max_std
     coarse = [max(2, round(n / factor)) for n in shape]
-    scale = torch.tensor([(c - 1) / max(n - 1, 1) for c, n in zip(coarse, shape)]).view(1, -1, *[1] * len(shape))
-    velocity = torch.randn(1, len(shape), *coarse, generator=generator) * std * scale  # in coarse voxels
+    scale = torch.tensor([(c - 1) / max(n - 1, 1) for c, n in zip(coarse, shape)], device=device)
+    scale = scale.view(1, -1, *[1] * len(shape))
+    velocity = torch.randn(1, len(shape), *coarse, generator=generator, device=device) * std * scale  # coarse voxels
     return _upsample(integrate_velocity(velocity, steps), shape) / scale
 
 
@@ -73,7 +75,7 @@ def random_label_map(
     The channels are white noise on a grid ``factor`` times coarser, sampled (linearly) at the warped full-resolution
     positions in one step, which is what upsampling and then warping would give, at a fraction of the cost."""
     coarse = [max(2, round(n / factor)) for n in shape]
-    scores = torch.randn(1, num_labels, *coarse, generator=generator)
+    scores = torch.randn(1, num_labels, *coarse, generator=generator, device=generator.device)
     ddf = random_diffeomorphism(generator, shape, warp_std, factor=factor)
     return (warp(scores, ddf, padding_mode="border").argmax(dim=1, keepdim=True) + 1).float()
 
@@ -81,9 +83,9 @@ def random_label_map(
 def random_contrast(generator: torch.Generator, num_labels: int, max_noise: float = 0.1) -> torch.Tensor:
     """``(2, num_labels + 1)``: per-label mean intensity ``U(0, 1)`` and noise standard deviation
     ``U(0, max_noise)``."""
-    return torch.stack(
-        [torch.rand(num_labels + 1, generator=generator), torch.rand(num_labels + 1, generator=generator) * max_noise]
-    )
+    device = generator.device
+    means = torch.rand(num_labels + 1, generator=generator, device=device)
+    return torch.stack([means, torch.rand(num_labels + 1, generator=generator, device=device) * max_noise])
 
 
 def synthesise_image(
@@ -99,13 +101,14 @@ def synthesise_image(
     shape = labels.shape[2:]
     index = labels.long().clamp(0, contrast.shape[1] - 1)
     means, noise = contrast
-    image = means[index] + noise[index] * torch.randn(labels.shape, generator=generator)
-    sigma = float(torch.rand((), generator=generator)) * max_blur
+    device = generator.device
+    image = means[index] + noise[index] * torch.randn(labels.shape, generator=generator, device=device)
+    sigma = float(torch.rand((), generator=generator, device=device)) * max_blur
     if sigma > 0.05:
-        image = GaussianFilter(len(shape), sigma)(image)
+        image = GaussianFilter(len(shape), sigma).to(device)(image)
     image = image * torch.exp(bias_std * _coarse_noise(generator, 1, shape, max(shape) / 4.0))
     image = (image - image.min()) / (image.max() - image.min() + 1e-6)
-    gamma = float(torch.exp(gamma_std * torch.randn((), generator=generator)))
+    gamma = float(torch.exp(gamma_std * torch.randn((), generator=generator, device=device)))
     return image.clamp(0, 1) ** gamma
 
 
@@ -125,6 +128,9 @@ class SynthMorphPairs(Randomizable, Dataset):
             draws them per side (SynthMorph's contrast-invariant "shapes" training, which takes far longer).
         max_noise, max_blur, bias_std, gamma_std: image synthesis ranges (``random_contrast``, ``synthesise_image``);
             blur, bias field, noise and gamma are always drawn per side.
+        device: where the pairs are drawn. ``"cuda"`` draws them on the GPU, which is far faster than CPU workers,
+            but needs ``num_workers: 0`` (CUDA cannot run in forked loader workers); a seed gives a different pair
+            on a different device (another random generator), but always the same one on the same device.
         deterministic: item ``i`` is always the same pair (seeded by ``seed + i``): fixed validation pairs.
             Otherwise each item draws a new seed from the dataset's ``R``, so every epoch gets new pairs and a
             resumed training continues the sequence (``training_state.RandomStates`` keeps ``R``).
@@ -147,6 +153,7 @@ class SynthMorphPairs(Randomizable, Dataset):
         bias_std: float = 0.3,
         gamma_std: float = 0.25,
         shared_contrast: bool = True,
+        device: str | torch.device = "cpu",
         deterministic: bool = False,
         seed: int = 0,
     ) -> None:
@@ -165,6 +172,7 @@ class SynthMorphPairs(Randomizable, Dataset):
             "bias_std": float(bias_std),
             "gamma_std": float(gamma_std),
         }
+        self.device = torch.device(device)
         self.deterministic, self.seed = bool(deterministic), int(seed)
         self.set_random_state(seed=self.seed)
 
@@ -176,10 +184,10 @@ class SynthMorphPairs(Randomizable, Dataset):
 
     def pair(self, seed: int) -> dict:
         """The pair drawn from ``seed`` (the same seed gives the same pair)."""
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
         shape = self.spatial_size
         low, high = self.label_scale
-        factor = low + (high - low) * float(torch.rand((), generator=generator))
+        factor = low + (high - low) * float(torch.rand((), generator=generator, device=self.device))
         labels = random_label_map(generator, shape, self.num_labels, factor, self.label_warp_std)
         item: dict = {}
         contrast = random_contrast(generator, self.num_labels, self.max_noise)
