@@ -55,6 +55,25 @@ def test_inference_refiner_differentiates_the_last_squarings_in_3d_only(spatial_
     assert refiner.enabled and refiner.integration_steps == (5 if spatial_dims == 3 else 7)
 
 
+ENGINES = {"train.yaml": ["train#trainer", "validate#evaluator"], "inference.yaml": ["infer#evaluator"]}
+
+
+@pytest.mark.parametrize("config, engines", list(ENGINES.items()))
+def test_amp_given_on_the_command_line_is_read_as_a_flag(config, engines):
+    """``--amp false`` arrives as the string "false", which ignite's autocast refuses deep in the first iteration (a
+    TypeError) and a plain bool() would read as True: every engine takes the parsed flag."""
+    for given, expected in (("false", False), ("true", True), (False, False), ("0", False)):
+        assert _parsed([config], {"amp": given}).get_parsed_content("amp_flag") is expected, given
+    parser = _parsed([config], {})
+    assert all(parser[f"{engine}#amp"] == "@amp_flag" for engine in engines)
+    with pytest.raises(Exception) as raised:
+        _parsed([config], {"amp": "maybe"}).get_parsed_content("amp_flag")
+    error, messages = raised.value, []
+    while error is not None:  # MONAI wraps the component's error: the user's last line is the innermost one
+        messages, error = messages + [str(error)], error.__cause__
+    assert "--amp expects true or false, got 'maybe'" in messages[-1]
+
+
 @pytest.mark.parametrize("training_configs", [["train.yaml"], ["train.yaml", "brain3d.yaml"]])
 def test_training_augmentation_never_gives_both_images_the_same_noise(training_configs):
     """A random dictionary transform draws once for all its keys: one noise/bias transform over both images would

@@ -126,6 +126,17 @@ def test_shipped_2d_weights_fit_the_2d_network_of_inference_yaml():
     assert ddf.shape == (1, 2, 160, 192) and torch.isfinite(ddf).all()
 
 
+@pytest.mark.parametrize("weights", ["model.pt", "2d/model.pt"])
+def test_shipped_weights_load_on_a_cpu_with_a_plain_torch_load(weights):
+    """Weights trained on a GPU keep their device in the file unless saved as CPU copies; a plain ``torch.load`` (as
+    ``--init_ckpt`` and users do) then fails on a machine without one. Every shipped file must hold CPU tensors."""
+    import torch
+
+    state = torch.load(CONFIGS.parent / "models" / weights, weights_only=True)
+    assert state and {tensor.device.type for tensor in state.values()} == {"cpu"}
+    assert all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point())
+
+
 @pytest.mark.parametrize("content", [b"", b"not a torch file"])
 def test_missing_or_corrupt_weights_name_the_file(tmp_path, content):
     fixed = tmp_path / "f.nii.gz"

@@ -127,6 +127,21 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_saved_weights_are_cpu_tensors_whatever_the_training_device(tmp_path):
+    """save_weights writes CPU copies (a GPU-trained model loads anywhere) of the unwrapped network's weights."""
+    from scripts.checkpoint import save_weights
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    network = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4)).to(device)
+    wrapped = type("Wrapper", (), {"module": network})()  # what DistributedDataParallel exposes
+    save_weights(wrapped, str(tmp_path / "model.pt"))
+    state = torch.load(tmp_path / "model.pt", map_location=None, weights_only=True)
+    assert list(state) == list(network.state_dict())
+    for name, tensor in network.state_dict().items():
+        assert state[name].device.type == "cpu" and torch.equal(state[name], tensor.cpu()), name
+    assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
+
+
 def test_rerun_keeps_the_better_published_model(tmp_path, datalist):
     out = tmp_path / "out"
     check_ok(run_bundle("training", [TRAIN], _tiny(datalist, out, max_epochs=1)))

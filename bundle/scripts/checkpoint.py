@@ -18,11 +18,14 @@ __all__ = ["AtomicCheckpointSaver", "CheckpointFileLoader", "ModelPublisher", "p
 
 def save_weights(network, path: str) -> None:
     """Save ``network.state_dict()`` (unwrapped from DistributedDataParallel) via a temporary file beside ``path``
-    and a rename, so ``path`` is always a complete, loadable file."""
+    and a rename, so ``path`` is always a complete, loadable file. The tensors are saved as CPU copies: ``torch.load``
+    puts each tensor back on the device it was saved from, so weights trained on a GPU would not load on a machine
+    without one (the shipped models are trained on a GPU and run anywhere)."""
     import torch
 
+    state = getattr(network, "module", network).state_dict()
     with atomic_output(path, ".pt") as temporary:
-        torch.save(getattr(network, "module", network).state_dict(), temporary)
+        torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
     logger.info("saved checkpoint %s", path)
 
 
