@@ -142,6 +142,31 @@ def test_saved_weights_are_cpu_tensors_whatever_the_training_device(tmp_path):
     assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
 
 
+def test_a_resumed_run_says_it_keeps_its_epoch_length(tmp_path, caplog):
+    """ignite counts epochs as iteration // epoch_length, so a resumed run keeps the saved epoch length whatever
+    --num_pairs_per_epoch now says: the log says so instead of ignoring the flag silently."""
+    import logging
+
+    from ignite.engine import Engine
+    from scripts.training_state import TrainingState
+
+    def training(resume: bool, epoch_length: int, max_epochs: int) -> Engine:
+        engine = Engine(lambda engine, batch: None)
+        TrainingState(str(tmp_path), {"network": torch.nn.Linear(1, 1)}, resume=resume).attach(engine)
+        engine.run(range(epoch_length), max_epochs=max_epochs)
+        return engine
+
+    assert training(False, 4, 1).state.iteration == 4
+    with caplog.at_level(logging.WARNING):
+        resumed = training(True, 2, 2)
+    assert resumed.state.epoch_length == 4 and resumed.state.iteration == 8  # epoch 2 of 4 iterations
+    assert "keeps its epoch length of 4 iterations (this configuration gives 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        training(True, 4, 3)  # the same epoch length: nothing to say
+    assert "epoch length" not in caplog.text
+
+
 def test_rerun_keeps_the_better_published_model(tmp_path, datalist):
     out = tmp_path / "out"
     check_ok(run_bundle("training", [TRAIN], _tiny(datalist, out, max_epochs=1)))

@@ -185,12 +185,21 @@ class TrainingState:
             raise FileNotFoundError(f"--resume true: no training state in {os.path.join(self.run_dir, STATE_FOLDER)}")
         path = states[-1]
         to_load = {**self.objects, "trainer": engine, "checkpointer": self.checkpoint}
+        configured_length = engine.state.epoch_length
         try:
             CheckpointLoader(load_path=path, load_dict=to_load, map_location="cpu")(engine)
         except (RuntimeError, KeyError, ValueError) as error:
             raise ValueError(
                 f"cannot resume from {path}: {error} (resume with the configuration the run started with)"
             ) from error
+        if configured_length is not None and engine.state.epoch_length != configured_length:
+            # ignite counts epochs as iteration // epoch_length: a saved run cannot change its epoch length
+            logger.warning(
+                "the resumed run keeps its epoch length of %d iterations (this configuration gives %d, e.g. another "
+                "--num_pairs_per_epoch): start a new run (--init_ckpt) for another epoch length",
+                engine.state.epoch_length,
+                configured_length,
+            )
         # a kill during a write leaves ignite's temporary file (tmp*, never a state_checkpoint_*) in this run's folder
         for stale in glob.glob(os.path.join(self.run_dir, STATE_FOLDER, "tmp*")) if _rank() == 0 else []:
             os.remove(stale)
