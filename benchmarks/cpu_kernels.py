@@ -7,7 +7,9 @@ ones they replace (same values; tests/test_refinement.py checks that), on the sh
 Rows: ``grid_sample`` of a 3-channel field (one scaling-and-squaring step) with torch's kernel vs
 ``scripts.integrate.grid_sample`` (one slab per thread); MONAI's ``BendingEnergyLoss`` vs ``FastBendingEnergyLoss``;
 the LNCC's box sums through autograd vs the self-adjoint ``box_sum``; one Adam step on a velocity of that grid,
-PyTorch's default (foreach) vs ``fused=True`` as test-time refinement builds it (the step alone, no backward).
+PyTorch's default (foreach) vs ``fused=True`` as test-time refinement builds it (the step alone, no backward);
+the network's first 3D convolution (2 -> 8 channels) with PyTorch's backend choice vs ``OneDnnConv3d``, and the
+shipped network's forward pass (no gradient) with plain ``nn.Conv3d`` layers vs the bundle's (``use_onednn_conv3d``).
 Prints a Markdown table of median milliseconds.
 """
 
@@ -19,13 +21,18 @@ import sys
 import time
 from pathlib import Path
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.losses import BendingEnergyLoss  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
+from scripts.conv_backend import OneDnnConv3d  # noqa: E402
 from scripts.integrate import grid_sample, identity_grid  # noqa: E402
 from scripts.losses import FastBendingEnergyLoss, _box_sum, box_sum  # noqa: E402
 
@@ -39,6 +46,15 @@ def median_ms(step, repeats: int) -> float:
         step()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def shipped_network() -> nn.Module:
+    """The 3D inference network as ``inference.yaml`` builds it (weights do not change the time)."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.yaml"))
+    parser["bundle_root"] = str(REPO / "bundle")
+    parser["spatial_dims"] = 3
+    return parser.get_parsed_content("network_def").eval()
 
 
 def main() -> None:
@@ -67,6 +83,21 @@ def main() -> None:
     def threaded_sample():
         grid_sample(flow.movedim(-1, 1), grid + flow).sum().backward()
 
+    first_conv = nn.Conv3d(2, 8, 3, padding=1)
+    first_conv_bundle = copy.deepcopy(first_conv)
+    first_conv_bundle.__class__ = OneDnnConv3d
+    images = torch.rand((1, 2) + shape, generator=generator, requires_grad=True)
+    network = shipped_network()
+    network_plain = copy.deepcopy(network)
+    for layer in network_plain.modules():
+        if isinstance(layer, OneDnnConv3d):
+            layer.__class__ = nn.Conv3d
+    doubled = F.interpolate(images.detach(), scale_factor=2.0)  # a 1 mm pair: the network averages it to 2 mm
+
+    def network_forward(net):
+        with torch.no_grad():
+            net.velocity(doubled)
+
     rows = [
         ("grid_sample, 3-channel field", torch_sample, threaded_sample),
         (
@@ -80,6 +111,16 @@ def main() -> None:
             lambda: box_sum(maps, 5).sum().backward(),
         ),
         ("Adam step, 3-channel velocity", optimizers["foreach"].step, optimizers["fused"].step),
+        (
+            "conv3d 2 -> 8 channels",
+            lambda: first_conv(images).sum().backward(),
+            lambda: first_conv_bundle(images).sum().backward(),
+        ),
+        (
+            "shipped network, velocity (no gradient)",
+            lambda: network_forward(network_plain),
+            lambda: network_forward(network),
+        ),
     ]
     print(f"{args.threads} threads, grid {shape}, median of {args.repeats}, forward + backward (Adam: the step)")
     print("| kernel | plain ms | bundle ms |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -201,3 +202,38 @@ def test_trainer_refuses_a_non_finite_loss_before_updating_weights():
     assert len(losses) == 6 and np.isfinite(losses).all()
     for key, value in network.state_dict().items():
         torch.testing.assert_close(value, after[key])  # the non-finite loss updated nothing
+
+
+def test_onednn_conv3d_gives_the_plain_convolution_and_its_gradients_and_is_used_by_the_network():
+    """The brain network's few-channel 3D layers are routed to oneDNN on the CPU (scripts.conv_backend): same
+    values and gradients as nn.Conv3d, same state dict, and every 3D convolution of the network is routed."""
+    from scripts.conv_backend import OneDnnConv3d
+
+    torch.manual_seed(0)
+    plain = torch.nn.Conv3d(2, 8, 3, padding=1)
+    routed = OneDnnConv3d(2, 8, 3, padding=1)
+    routed.load_state_dict(plain.state_dict())
+    image = torch.randn(1, 2, 20, 24, 28)
+    outputs, grads = [], []
+    for layer in (plain, routed):
+        x = image.clone().requires_grad_(True)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append((x.grad, layer.weight.grad, layer.bias.grad))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for routed_grad, plain_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(routed_grad, plain_grad, rtol=1e-5, atol=1e-4)
+    with torch.profiler.profile() as profile:
+        routed(image)
+    assert "aten::mkldnn_convolution" in {event.key for event in profile.key_averages()}
+
+    backbone = VoxelMorphUNet(3, 2, 16, (8, 16, 16, 16, 16, 16), (8, 8))
+    reference = copy.deepcopy(backbone)
+    net = RegistrationNet(backbone, 3, integration_steps=3, flow_init_std=0.1)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(type(m) is OneDnnConv3d for m in convs)
+    reference.load_state_dict(net.backbone.state_dict())  # same keys: shipped checkpoints still load
+    pair = torch.randn(1, 2, 32, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(net.backbone(pair), reference(pair), rtol=1e-5, atol=1e-5)

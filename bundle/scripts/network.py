@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_backend import use_onednn_conv3d
 from .integrate import integrate_velocity
 
 __all__ = ["RegistrationNet"]
@@ -30,6 +31,8 @@ class RegistrationNet(nn.Module):
     (as MONAI's ``DVF2DDF``, composed in ``grid_sample`` units: ``scripts.integrate``), which keeps ``φ`` smooth
     and invertible in the continuum; ``n = 0`` treats the backbone output as
     a plain displacement. Inputs are zero-padded so every resolution level divides, and the field is cropped back.
+    The backbone's 3D convolutions run on oneDNN on the CPU (``scripts.conv_backend``: same values, less time for the
+    brain network, where PyTorch would pick its slow reference kernel for the few-channel layers).
 
     Args:
         backbone: module mapping ``(B, 2, *spatial)`` to ``(B, spatial_dims, *spatial)``, e.g. MONAI's
@@ -62,7 +65,7 @@ class RegistrationNet(nn.Module):
         if int(downsample) < 1:
             raise ValueError(f"downsample must be a positive integer, got {downsample}")
         self.downsample = int(downsample)
-        self.backbone = backbone
+        self.backbone = use_onednn_conv3d(backbone)
         self.spatial_dims = spatial_dims
         self.integration_steps = integration_steps
         self.divisor = divisor
