@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.nets import VoxelMorphUNet
-from scripts.integrate import grid_sample, integrate_velocity, warp
+from scripts.integrate import compose_ddfs, grid_sample, integrate_velocity, warp
 from scripts.losses import BoxLNCCLoss, FastBendingEnergyLoss, box_sum
 from scripts.metrics import deformation_stats
 from scripts.network import RegistrationNet
 from scripts.refine import VelocityRefiner, downsample_image
+from scripts.registration_step import RegistrationEvalStep
 
 
 def _smooth_field(shape: tuple[int, ...], amplitude: float, seed: int = 0) -> torch.Tensor:
@@ -205,3 +206,65 @@ def test_downsample_image_averages_blocks():
     image = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert downsample_image(image, 2)[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
     assert downsample_image(torch.ones(1, 1, 5, 5, 5), 2).shape == (1, 1, 3, 3, 3)
+
+
+def test_composed_ddf_warps_as_the_two_warps_in_turn():
+    """compose_ddfs(a, b): warping by it is warping by a, then by b (one interpolation); translations add."""
+    shape = (24, 26, 22)
+    first, second = _smooth_field(shape, 2.0, seed=5), _smooth_field(shape, 2.0, seed=6)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    image = (torch.sin(z / 3.0) * torch.cos(y / 4.0) + torch.sin(x / 3.5))[None, None]  # smooth: little blur
+    in_turn = warp(warp(image, first), second)
+    inside = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))  # away from the border padding
+    composed_error = (warp(image, compose_ddfs(first, second)) - in_turn)[inside].abs()
+    added_error = (warp(image, first + second) - in_turn)[inside].abs()  # adding the fields is not composing
+    assert composed_error.mean() < 0.3 * added_error.mean(), (float(composed_error.mean()), float(added_error.mean()))
+    assert composed_error.max() < 0.3 * added_error.max(), (float(composed_error.max()), float(added_error.max()))
+    shift_a = torch.tensor([1.5, -2.0, 0.5]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
+    shift_b = torch.tensor([-0.5, 1.0, 2.0]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)
+    torch.testing.assert_close(compose_ddfs(shift_a, shift_b), shift_a + shift_b)
+
+
+class _ConstantShift(torch.nn.Module):
+    """A stand-in network: always the same translation, and a record of the moving images it was given."""
+
+    def __init__(self, shift: list[float]) -> None:
+        super().__init__()
+        self.shift = torch.tensor(shift).view(1, 3, 1, 1, 1)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, moving_fixed: torch.Tensor) -> torch.Tensor:
+        self.seen.append(moving_fixed[:, :1].clone())
+        return self.shift.expand(1, 3, *moving_fixed.shape[2:]).clone()
+
+
+def test_network_passes_register_the_warped_moving_image_again_and_compose():
+    moving, fixed = _synthetic_pair((20, 22, 18))
+    network = _ConstantShift([1.0, -1.0, 0.5])
+    ddf, seconds = RegistrationEvalStep(network_passes=2).network_ddf(network, moving, fixed, [])
+    assert len(network.seen) == 2 and seconds > 0
+    torch.testing.assert_close(network.seen[0], moving)
+    torch.testing.assert_close(network.seen[1], warp(moving, network.shift.expand_as(ddf)))  # the second pass' input
+    torch.testing.assert_close(ddf, 2 * network.shift.expand_as(ddf))  # two translations compose to their sum
+    single, _ = RegistrationEvalStep().network_ddf(_ConstantShift([1.0, -1.0, 0.5]), moving, fixed, [])
+    torch.testing.assert_close(single, network.shift.expand_as(ddf))
+    with pytest.raises(ValueError, match="network_passes must be a positive integer"):
+        RegistrationEvalStep(network_passes=0)
+
+
+def test_network_passes_with_refinement_refine_the_last_pass():
+    """Two passes and a refiner: one refinement report, of the last pass on the once-warped pair; no folding."""
+    torch.manual_seed(0)
+    moving, fixed = _synthetic_pair((32, 32, 32))
+    backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+    network = RegistrationNet(backbone, 3, integration_steps=3, divisor=8, flow_init_std=0.1).eval()
+    refiner = VelocityRefiner(levels=(2, 1), iterations=(10, 5), learning_rate=0.1, kernel_size=5)
+    reports: list[dict] = []
+    with torch.no_grad():
+        ddf, _ = RegistrationEvalStep(refiner=refiner, network_passes=2).network_ddf(network, moving, fixed, reports)
+        first = network(torch.cat([moving, fixed], dim=1))
+    assert len(reports) == 1 and [level["factor"] for level in reports[0]["levels"]] == [2, 1]
+    assert all(level["loss_end"] < level["loss_start"] for level in reports[0]["levels"])
+    assert deformation_stats(ddf[0].numpy())["folding_fraction"] == 0.0
+    # closer to the fixed image than the first pass alone
+    assert (warp(moving, ddf) - fixed).abs().mean() < (warp(moving, first) - fixed).abs().mean()

@@ -66,6 +66,7 @@ def test_network_alone_with_refine_iterations_zero(tmp_path):
         eval_label_ids=DATA / "eval_labels.json",
     )
     assert "refinement" not in record
+    assert record["network_passes"] == 2  # inference.yaml's default
     assert record["registered_mean_dice"] == pytest.approx(record["test_registered_dice"])  # metrics.json agrees
     assert record["test_registered_dice"] > record["test_identity_dice"] + 0.01, record["test_registered_dice"]
     assert record["folding_fraction"] < 5e-4

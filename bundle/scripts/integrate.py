@@ -117,3 +117,10 @@ def warp(
 ) -> torch.Tensor:
     """``image ∘ (id + ddf)``: ``(B, C, *spatial)`` image, ``(B, d, *spatial)`` voxel displacement."""
     return grid_sample(image, sampling_grid(ddf, grid), mode=mode, padding_mode=padding_mode)
+
+
+def compose_ddfs(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """DDF of ``(id + first) ∘ (id + second)``: ``second(x) + first(x + second(x))``, voxel displacements
+    ``(B, d, *spatial)``. Warping by it is warping by ``first``, then warping that result by ``second``, with one
+    interpolation of the image instead of two. Outside the grid ``first`` is extended from its border."""
+    return second + warp(first, second, mode="bilinear", padding_mode="border")

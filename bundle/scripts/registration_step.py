@@ -22,7 +22,7 @@ from monai.networks.blocks import Warp
 from monai.utils import CommonKeys
 from torch import nn
 
-from .integrate import grid_sample, sampling_grid
+from .integrate import compose_ddfs, grid_sample, sampling_grid
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
@@ -188,14 +188,29 @@ class RegistrationEvalStep:
     it is integrated (test-time refinement); ``records`` then also hold the refinement's per-level losses and times,
     and ``seconds`` covers network + refinement + warp (``seconds_network`` the network alone).
 
+    With ``network_passes = n > 1`` the network registers the pair ``n`` times, each pass the moving image warped by
+    the passes before it (a recursive cascade of one network): ``φ = φ_1 ∘ φ_2 ∘ ... ∘ φ_n``, composed as DDFs
+    (``scripts.integrate.compose_ddfs``), so the moving image is interpolated once. Each ``φ_k = exp(v_k)`` is
+    diffeomorphic and so is their composition. The refiner optimises the last pass' velocity on the pair it saw.
+
     Args:
         label_ids: ids to score (list, JSON file with ``labels``, or None for every id present in both images).
         compute_hd95: HD95 costs distance transforms; switch off for quick validation.
         refiner: optional test-time refinement; needs a network with ``velocity``/``field_to_ddf``
             (``scripts.network.RegistrationNet``).
+        network_passes: how many times the network registers the pair (1: once).
     """
 
-    def __init__(self, label_ids: Sequence[int] | str | None = None, compute_hd95: bool = True, refiner=None) -> None:
+    def __init__(
+        self,
+        label_ids: Sequence[int] | str | None = None,
+        compute_hd95: bool = True,
+        refiner=None,
+        network_passes: int = 1,
+    ) -> None:
+        if int(network_passes) < 1:
+            raise ValueError(f"network_passes must be a positive integer, got {network_passes}")
+        self.network_passes = int(network_passes)
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
         self.refiner = refiner if refiner is not None and refiner.enabled else None
@@ -213,11 +228,7 @@ class RegistrationEvalStep:
         refinements: list[dict] = []
         with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
             start = time.perf_counter()
-            if self.refiner is None:
-                ddf = engine.network(torch.cat([moving, fixed], dim=1)).float()
-                network_seconds = time.perf_counter() - start
-            else:
-                ddf, network_seconds = self._refined_ddf(engine.network, moving, fixed, refinements)
+            ddf, network_seconds = self.network_ddf(engine.network, moving, fixed, refinements)
             sampling = sampling_grid(ddf)
             warped = self.warp_image(moving, sampling)
             if device.type == "cuda":
@@ -236,9 +247,31 @@ class RegistrationEvalStep:
         output["records"] = [self._score(batch, output, i, seconds) for i in range(fixed.shape[0])]
         for i, record in enumerate(output["records"]):
             record["seconds_network"] = network_seconds
+            record["network_passes"] = self.network_passes
             if refinements:
                 record["refinement"] = refinements[i]
         return output
+
+    def network_ddf(
+        self, network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reports: list[dict]
+    ) -> tuple[torch.Tensor, float]:
+        """The DDF of ``network_passes`` passes (the last one refined when there is a refiner) and the seconds spent
+        in the network."""
+        start = time.perf_counter()
+        earlier = None  # the composed DDF of the passes before the last
+        current = moving  # the moving image warped by it
+        for _ in range(self.network_passes - 1):
+            step = network(torch.cat([current, fixed], dim=1)).float()
+            earlier = step if earlier is None else compose_ddfs(earlier, step)
+            current = self.warp_image(moving, sampling_grid(earlier))
+        leading_seconds = time.perf_counter() - start
+        if self.refiner is None:
+            last = network(torch.cat([current, fixed], dim=1)).float()
+            last_seconds = time.perf_counter() - start - leading_seconds
+        else:
+            last, last_seconds = self._refined_ddf(network, current, fixed, reports)
+        ddf = last if earlier is None else compose_ddfs(earlier, last)
+        return ddf, leading_seconds + last_seconds
 
     def _refined_ddf(
         self, network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reports: list[dict]
