@@ -148,6 +148,7 @@ def out_of_sample(work: Path, threads: int, data: Path) -> dict:
                 "moving_label": oasis / "subject_b_label.nii.gz",
                 "ckpt_dir": work / "models",
                 "refine_iterations": 0,
+                "network_passes": 1,  # the tutorial scores the trained network's single pass (VoxelMorph's setting)
                 "output_dir": Path(out) / "oasis2d",
             }
             bundle("inference", [str(CONFIGS / "inference.yaml")], overrides, threads)
@@ -334,7 +335,9 @@ def register_pair(work: Path, name: str, threads: int, ckpt_dir: Path, files: di
     import nibabel as nib
 
     out = work / "brains2d" / "inference" / name
-    overrides = {**files, "ckpt_dir": ckpt_dir, "output_dir": out, **({} if refine else {"refine_iterations": 0})}
+    # network alone: one pass, the trained network's own output (VoxelMorph's setting; inference runs two by default)
+    alone = {"refine_iterations": 0, "network_passes": 1}
+    overrides = {**files, "ckpt_dir": ckpt_dir, "output_dir": out, **({} if refine else alone)}
     bundle("inference", [str(CONFIGS / "inference.yaml")], overrides, threads)
     record = json.loads((out / "metrics.json").read_text())
 

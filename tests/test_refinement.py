@@ -268,3 +268,24 @@ def test_network_passes_with_refinement_refine_the_last_pass():
     assert deformation_stats(ddf[0].numpy())["folding_fraction"] == 0.0
     # closer to the fixed image than the first pass alone
     assert (warp(moving, ddf) - fixed).abs().mean() < (warp(moving, first) - fixed).abs().mean()
+
+
+def test_network_passes_compose_on_the_velocity_grid_as_at_full_resolution():
+    """A downsampling RegistrationNet composes its passes on the coarse grid and upsamples once: the same DDF (up to
+    interpolation) as upsampling each pass and composing at full resolution, at an eighth of the voxels."""
+    torch.manual_seed(0)
+    moving, fixed = _synthetic_pair((32, 32, 32))
+    backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+    network = RegistrationNet(backbone, 3, integration_steps=3, divisor=8, flow_init_std=0.3, downsample=2).eval()
+    with torch.no_grad():
+        ddf, _ = RegistrationEvalStep(network_passes=2).network_ddf(network, moving, fixed, [])
+        first = network(torch.cat([moving, fixed], dim=1))
+        second = network(torch.cat([warp(moving, first), fixed], dim=1))
+        full_resolution = compose_ddfs(first, second)
+    assert second.abs().max() > 0.5  # the passes move voxels: the check below is not between two zero fields
+    inside = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    error = (ddf - full_resolution)[inside].abs()
+    assert error.max() < 0.03 * full_resolution[inside].abs().max(), (
+        float(error.max()),
+        float(full_resolution.abs().max()),
+    )

@@ -51,6 +51,7 @@ def test_flag_free_3d_inference_refines_the_shipped_model(tmp_path):
     record = _register(tmp_path)
     levels = record["refinement"]["levels"]
     assert [level["factor"] for level in levels] == [4, 2]
+    assert record["network_passes"] == 1  # refinement starts from one pass
     assert all(level["loss_end"] < level["loss_start"] for level in levels)
     assert record["test_registered_dice"] > record["test_identity_dice"] + 0.15, record["test_registered_dice"]
     assert record["folding_fraction"] < 5e-4
@@ -66,7 +67,7 @@ def test_network_alone_with_refine_iterations_zero(tmp_path):
         eval_label_ids=DATA / "eval_labels.json",
     )
     assert "refinement" not in record
-    assert record["network_passes"] == 2  # inference.yaml's default
+    assert record["network_passes"] == 2  # the network alone runs twice
     assert record["registered_mean_dice"] == pytest.approx(record["test_registered_dice"])  # metrics.json agrees
     assert record["test_registered_dice"] > record["test_identity_dice"] + 0.01, record["test_registered_dice"]
     assert record["folding_fraction"] < 5e-4

@@ -117,10 +117,17 @@ class RegistrationNet(nn.Module):
     def field_to_ddf(self, field: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         """Integrate the coarse field (scaling and squaring) and bring the DDF onto the input grid ``spatial``:
         ``(B, d, *coarse)`` -> ``(B, d, *spatial)``, displacements in input voxels."""
-        ddf = integrate_velocity(field, self.integration_steps)
+        return self.upsample_ddf(self.integrate(field), spatial)
+
+    def integrate(self, field: torch.Tensor) -> torch.Tensor:
+        """``exp(v)`` on the velocity's own grid: ``(B, d, *coarse)`` displacements in coarse voxels."""
+        return integrate_velocity(field, self.integration_steps)
+
+    def upsample_ddf(self, ddf: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """A DDF of the velocity grid onto the input grid ``spatial`` (linear, displacements scaled by ``s``)."""
         if self.downsample > 1:
             mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-            size = [n * self.downsample for n in field.shape[2:]]
+            size = [n * self.downsample for n in ddf.shape[2:]]
             ddf = F.interpolate(ddf, size=size, mode=mode, align_corners=False) * float(self.downsample)
             for axis in range(len(spatial)):
                 ddf = ddf.narrow(axis + 2, 0, int(spatial[axis]))
