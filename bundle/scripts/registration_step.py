@@ -196,7 +196,7 @@ class RegistrationEvalStep:
     Args:
         label_ids: ids to score (list, JSON file with ``labels``, or None for every id present in both images).
         compute_hd95: HD95 costs distance transforms; switch off for quick validation.
-        refiner: optional test-time refinement; needs a network with ``velocity``/``field_to_ddf``
+        refiner: optional test-time refinement; needs a network with ``velocity``/``integrate``/``upsample_ddf``
             (``scripts.network.RegistrationNet``).
         network_passes: how many times the network registers the pair (1: once).
     """
@@ -263,9 +263,12 @@ class RegistrationEvalStep:
         next pass is warped at full resolution. Other networks compose their full-resolution DDFs.
         """
         network = getattr(network, "module", network)  # unwrap DistributedDataParallel
-        coarse = hasattr(network, "velocity")
+        coarse = all(hasattr(network, name) for name in ("velocity", "integrate", "upsample_ddf"))
         if self.refiner is not None and not coarse:
-            raise TypeError(f"test-time refinement needs a network with velocity/field_to_ddf, got {type(network)}")
+            raise TypeError(
+                "test-time refinement needs a network with velocity/integrate/upsample_ddf "
+                f"(scripts.network.RegistrationNet), got {type(network)}"
+            )
         spatial = moving.shape[2:]
         start = time.perf_counter()
         earlier = None  # the composed DDF of the passes before the last (velocity grid when coarse)

@@ -135,7 +135,8 @@ class LearnedTemplate(nn.Module):
 
 class TemplateRegistration(nn.Module):
     """The registration network and its learned template as one module, so the checkpoints, the published model, the
-    optimiser and ``--resume`` carry both. ``forward``/``velocity``/``field_to_ddf`` are the registration network's:
+    optimiser and ``--resume`` carry both. ``forward``, ``velocity``, ``field_to_ddf`` and its two halves
+    ``integrate``/``upsample_ddf`` (``scripts.network.RegistrationNet``'s interface) are the registration network's:
     the trained network still registers any ``cat(moving, fixed)`` pair (e.g. the template onto a new subject)."""
 
     def __init__(self, registration: nn.Module, template: LearnedTemplate) -> None:
@@ -151,6 +152,12 @@ class TemplateRegistration(nn.Module):
 
     def field_to_ddf(self, field: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         return self.registration.field_to_ddf(field, spatial)
+
+    def integrate(self, field: torch.Tensor) -> torch.Tensor:
+        return self.registration.integrate(field)
+
+    def upsample_ddf(self, ddf: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        return self.registration.upsample_ddf(ddf, spatial)
 
 
 def _unwrap(network: nn.Module) -> TemplateRegistration:
