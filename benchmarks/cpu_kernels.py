@@ -9,7 +9,8 @@ Rows: ``grid_sample`` of a 3-channel field (one scaling-and-squaring step) with 
 the LNCC's box sums through autograd vs the self-adjoint ``box_sum``; one Adam step on a velocity of that grid,
 PyTorch's default (foreach) vs ``fused=True`` as test-time refinement builds it (the step alone, no backward);
 the network's first 3D convolution (2 -> 8 channels) with PyTorch's backend choice vs ``OneDnnConv3d``, and the
-shipped network's forward pass (no gradient) with plain ``nn.Conv3d`` layers vs the bundle's (``use_onednn_conv3d``).
+shipped network with plain ``nn.Conv3d`` layers vs the bundle's (``use_onednn_conv3d``): its forward pass on a 1 mm
+pair (no gradient; inference) and a forward + backward pass on a pair of the 2 mm training grid (a training step).
 Prints a Markdown table of median milliseconds.
 """
 
@@ -98,6 +99,13 @@ def main() -> None:
         with torch.no_grad():
             net.velocity(doubled)
 
+    def network_training_step(net):  # forward + backward at the 2 mm training grid (brain3d.yaml: no downsampling)
+        net.downsample = 1
+        try:
+            net.velocity(images.detach()).square().mean().backward()
+        finally:
+            net.downsample = 2
+
     rows = [
         ("grid_sample, 3-channel field", torch_sample, threaded_sample),
         (
@@ -120,6 +128,11 @@ def main() -> None:
             "shipped network, velocity (no gradient)",
             lambda: network_forward(network_plain),
             lambda: network_forward(network),
+        ),
+        (
+            "shipped network, forward + backward (training)",
+            lambda: network_training_step(network_plain),
+            lambda: network_training_step(network),
         ),
     ]
     print(f"{args.threads} threads, grid {shape}, median of {args.repeats}, forward + backward (Adam: the step)")
