@@ -27,12 +27,12 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from training_pair import inference_config, shipped_network
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
 from monai.losses import BendingEnergyLoss  # noqa: E402
-from monai.bundle import ConfigParser  # noqa: E402
 from scripts.conv_backend import OneDnnConv3d  # noqa: E402
 from scripts.integrate import grid_sample, identity_grid  # noqa: E402
 from scripts.losses import FastBendingEnergyLoss, _box_sum, box_sum  # noqa: E402
@@ -47,15 +47,6 @@ def median_ms(step, repeats: int) -> float:
         step()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
-
-
-def shipped_network() -> nn.Module:
-    """The 3D inference network as ``inference.yaml`` builds it (weights do not change the time)."""
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundle" / "configs" / "inference.yaml"))
-    parser["bundle_root"] = str(REPO / "bundle")
-    parser["spatial_dims"] = 3
-    return parser.get_parsed_content("network_def").eval()
 
 
 def main() -> None:
@@ -88,7 +79,7 @@ def main() -> None:
     first_conv_bundle = copy.deepcopy(first_conv)
     first_conv_bundle.__class__ = OneDnnConv3d
     images = torch.rand((1, 2) + shape, generator=generator, requires_grad=True)
-    network = shipped_network()
+    network = shipped_network(inference_config(spatial_dims=3))  # the weights do not change the time
     network_plain = copy.deepcopy(network)
     for layer in network_plain.modules():
         if isinstance(layer, OneDnnConv3d):

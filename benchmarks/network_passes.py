@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from training_pair import inference_config, shipped_network
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
@@ -40,27 +41,15 @@ CONFIGS = REPO / "bundle" / "configs"
 TRAINED_BY = {3: ["train.yaml", "brain3d.yaml", "synthmorph.yaml"], 2: ["train.yaml", "synthmorph.yaml"]}
 
 
-def inference_parser(spatial_dims: int, preset: str = "default") -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.yaml"))
-    parser["bundle_root"] = str(REPO / "bundle")
-    parser["spatial_dims"] = spatial_dims
-    parser["refine_preset"] = preset
-    return parser
-
-
 def model_and_pairs(spatial_dims: int, num_pairs: int):
     """The shipped model as inference.yaml builds and loads it (eval mode), and its synthetic validation dataset."""
-    inference = inference_parser(spatial_dims)
-    network = inference.get_parsed_content("network_def")
-    weights = inference.get_parsed_content("ckpt_path")
-    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    network = shipped_network(inference_config(spatial_dims=spatial_dims))
     training = ConfigParser()
     training.read_config([str(CONFIGS / name) for name in TRAINED_BY[spatial_dims]])
     training["bundle_root"] = str(REPO / "bundle")
     training["synthmorph_validation_pairs"] = num_pairs
     training["synthmorph_device"] = "$torch.device('cpu')"
-    return network.eval(), training.get_parsed_content("validate#dataset")
+    return network, training.get_parsed_content("validate#dataset")
 
 
 def as_inference_input(pair: dict, spatial_dims: int) -> tuple[torch.Tensor, ...]:
@@ -90,7 +79,7 @@ def main() -> None:
         network, pairs = model_and_pairs(spatial_dims, args.pairs)
         steps = {("none", n): RegistrationEvalStep(network_passes=n) for n in passes}
         for preset in filter(None, args.presets.split(",") if spatial_dims == 3 else []):
-            refiner = inference_parser(3, preset).get_parsed_content("refiner")
+            refiner = inference_config(spatial_dims=3, refine_preset=preset).get_parsed_content("refiner")
             steps.update({(preset, n): RegistrationEvalStep(refiner=refiner, network_passes=n) for n in (1, 2)})
         scores = {key: {"dice": [], "folded": [], "seconds": []} for key in steps}
         identity = []

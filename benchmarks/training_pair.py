@@ -1,5 +1,6 @@
-"""The unlabelled training pair (``oasis3d_train``: ``subject_x``, ``subject_y``) and the shipped 3D model, for the
-refinement studies (``refine_gradient.py``, ``refine_schedule.py``): settings are chosen here, never on a test pair."""
+"""The unlabelled training pair (``oasis3d_train``: ``subject_x``, ``subject_y``) and the shipped models as
+``inference.yaml`` builds them, for the studies that choose inference settings (``refine_gradient.py``,
+``refine_schedule.py``, ``network_passes.py``, ``cpu_kernels.py``): settings are chosen here, never on a test pair."""
 
 from __future__ import annotations
 
@@ -26,17 +27,21 @@ def training_images(data: Path | str) -> dict[str, Path]:
     return images
 
 
-def inference_config(fixed_image: Path) -> ConfigParser:
-    """``inference.yaml`` as the bundle parses it for a 3D pair."""
+def inference_config(fixed_image: Path | None = None, **overrides) -> ConfigParser:
+    """``inference.yaml`` as the bundle parses it for a pair whose fixed image is ``fixed_image`` (its dimensionality
+    follows the file), or with ``overrides`` such as ``spatial_dims=3`` and no file."""
     config = ConfigParser()
     config.read_config(str(REPO / "bundle" / "configs" / "inference.yaml"))
     config["bundle_root"] = str(REPO / "bundle")
-    config["fixed_image"] = str(fixed_image)
+    if fixed_image is not None:
+        config["fixed_image"] = str(fixed_image)
+    for key, value in overrides.items():
+        config[key] = value
     return config
 
 
 def shipped_network(config: ConfigParser) -> torch.nn.Module:
-    """The shipped 3D model (``ckpt_path``), in eval mode."""
+    """The shipped model of the config's dimensionality (``ckpt_path``), in eval mode."""
     network = config.get_parsed_content("network_def")
     network.load_state_dict(torch.load(config.get_parsed_content("ckpt_path"), weights_only=True))
     return network.eval()
