@@ -250,3 +250,30 @@ def test_a_single_held_out_subject_is_named_with_its_section_and_datalist(tmp_pa
     with pytest.raises(RuntimeError) as info:
         parser.get_parsed_content("validate#dataset")
     assert re.search(expected, str(_specific_error(info.value)))
+
+
+def test_the_overview_png_shows_the_pair_and_its_grid_and_leaves_no_open_figure(tmp_path):
+    """Written at every registration, also inside a long-running MONAI Label server: a figure left open in
+    pyplot's registry would leak memory with every request, and a half-written PNG must never take the name."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from scripts.visualize import save_overview_png
+
+    fixed = np.zeros((20, 24, 28), dtype=np.float32)
+    fixed[5:15, 6:18] = 0.5  # mid-gray under the panels' [0, max] window
+    fixed[0, 0] = 1.0
+    ddf = np.zeros((3, 20, 24, 28), dtype=np.float32)
+    ddf[0] = 2.0  # a shift of two voxels along the first axis
+    open_before = plt.get_fignums()
+    path = save_overview_png(str(tmp_path / "overview.png"), fixed, fixed, fixed, ddf)
+    assert plt.get_fignums() == open_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overview.png"]
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert pixels.shape == (440, 1600, 3)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 110) & (pixels[..., 2] < 110)  # the grid's tab:red lines
+    columns = np.nonzero(red.any(axis=0))[0]
+    assert columns.size and columns.min() > 1200  # only in the fourth panel
+    fixed_panel = pixels[:, :400]
+    assert (fixed_panel.max(axis=-1) < 30).any()  # the image's zero background, in gray
+    gray = (np.abs(fixed_panel - 128) < 12).all(axis=-1)
+    assert gray.sum() > 1000  # its mid-gray square
