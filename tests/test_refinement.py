@@ -13,7 +13,7 @@ from scripts.losses import BoxLNCCLoss, FastBendingEnergyLoss, box_sum
 from scripts.metrics import deformation_stats
 from scripts.network import RegistrationNet
 from scripts.refine import VelocityRefiner, downsample_image
-from scripts.registration_step import RegistrationEvalStep
+from scripts.registration_step import RegistrationEvalStep, _warp_padded
 
 
 def _smooth_field(shape: tuple[int, ...], amplitude: float, seed: int = 0) -> torch.Tensor:
@@ -289,3 +289,24 @@ def test_network_passes_compose_on_the_velocity_grid_as_at_full_resolution():
         float(error.max()),
         float(full_resolution.abs().max()),
     )
+
+
+def test_later_passes_see_the_moving_image_warped_on_the_backbone_grid_with_its_zero_padding_kept():
+    """A downsampling network averages its input to the coarse grid anyway, so passes after the first warp the
+    averaged moving image there (``pooled_pair``) instead of warping at full resolution and averaging again; the
+    zero padding up to the backbone's multiple stays zero."""
+    torch.manual_seed(0)
+    backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+    network = RegistrationNet(backbone, 3, integration_steps=3, divisor=8, flow_init_std=0.3, downsample=2).eval()
+    moving, fixed = _synthetic_pair((30, 34, 28))  # not multiples of 16: padded, last coarse cells partial
+    pair = torch.cat([moving, fixed], dim=1)
+    with torch.no_grad():
+        pooled = network.pooled_pair(pair)
+        assert list(pooled.shape[2:]) == [16, 24, 16]
+        torch.testing.assert_close(network.velocity_from_pooled(pooled, pair.shape[2:]), network.velocity(pair))
+        shift = torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1, 1, 1).expand(1, 3, *network.coarse_shape([30, 34, 28]))
+        warped = _warp_padded(pooled[:, :1], shift, RegistrationEvalStep().warp_image)
+    assert warped.shape == pooled[:, :1].shape
+    torch.testing.assert_close(warped[:, :, :15, :17, :14], warp(pooled[:, :1, :15, :17, :14], shift))
+    assert warped[:, :, 15:].abs().max() == 0 and warped[:, :, :, 17:].abs().max() == 0
+    assert warped[:, :, :, :, 14:].abs().max() == 0

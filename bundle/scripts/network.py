@@ -91,6 +91,11 @@ class RegistrationNet(nn.Module):
 
     def velocity(self, moving_fixed: torch.Tensor) -> torch.Tensor:
         """``(B, 2, *spatial)`` -> the backbone's field ``(B, d, *coarse_shape(spatial))``, before integration."""
+        return self.velocity_from_pooled(self.pooled_pair(moving_fixed), moving_fixed.shape[2:])
+
+    def pooled_pair(self, moving_fixed: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees: ``(B, 2, *spatial)`` zero-padded to a multiple of ``divisor · downsample`` and
+        averaged over ``downsample^d`` blocks, ``(B, 2, *padded / downsample)``."""
         if moving_fixed.dim() != self.spatial_dims + 2 or moving_fixed.shape[1] != 2:
             raise ValueError(
                 "expected cat(moving, fixed) of shape (B, 2, *spatial) with "
@@ -107,7 +112,11 @@ class RegistrationNet(nn.Module):
         if self.downsample > 1:
             pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
             inputs = pool(inputs, self.downsample)
-        field = self.backbone(inputs)
+        return inputs
+
+    def velocity_from_pooled(self, pooled: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """The backbone's field for a ``pooled_pair`` of an input of shape ``spatial``: ``(B, d, *coarse_shape)``."""
+        field = self.backbone(pooled)
         if field.shape[1] != self.spatial_dims:
             raise ValueError("backbone returned " + str(field.shape[1]) + " channels, expected spatial_dims")
         for axis, size in enumerate(self.coarse_shape(spatial)):

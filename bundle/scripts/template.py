@@ -135,8 +135,9 @@ class LearnedTemplate(nn.Module):
 
 class TemplateRegistration(nn.Module):
     """The registration network and its learned template as one module, so the checkpoints, the published model, the
-    optimiser and ``--resume`` carry both. ``forward``, ``velocity``, ``field_to_ddf`` and its two halves
-    ``integrate``/``upsample_ddf`` (``scripts.network.RegistrationNet``'s interface) are the registration network's:
+    optimiser and ``--resume`` carry both. ``forward``, ``velocity`` and its two halves ``pooled_pair``/
+    ``velocity_from_pooled``, ``field_to_ddf`` and its two halves ``integrate``/``upsample_ddf``
+    (``scripts.network.RegistrationNet``'s interface) are the registration network's:
     the trained network still registers any ``cat(moving, fixed)`` pair (e.g. the template onto a new subject)."""
 
     def __init__(self, registration: nn.Module, template: LearnedTemplate) -> None:
@@ -149,6 +150,12 @@ class TemplateRegistration(nn.Module):
 
     def velocity(self, moving_fixed: torch.Tensor) -> torch.Tensor:
         return self.registration.velocity(moving_fixed)
+
+    def pooled_pair(self, moving_fixed: torch.Tensor) -> torch.Tensor:
+        return self.registration.pooled_pair(moving_fixed)
+
+    def velocity_from_pooled(self, pooled: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        return self.registration.velocity_from_pooled(pooled, spatial)
 
     def field_to_ddf(self, field: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         return self.registration.field_to_ddf(field, spatial)
