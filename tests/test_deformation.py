@@ -51,6 +51,23 @@ def test_jacobian_of_known_fields():
     assert stats["folding_fraction"] == 0.0 and stats["std_log_jacobian"] < 1e-9
 
 
+@pytest.mark.parametrize("shape", [(37, 11, 9), (21, 13)])
+def test_slab_wise_stats_equal_numpy_on_the_whole_field(shape):
+    """det J and its statistics are computed in slabs of the first axis (for speed); every value must be what
+    np.gradient on the whole field gives, slab borders and the field's own border included, folds included."""
+    rng = np.random.default_rng(0)
+    ddf = rng.normal(scale=0.8, size=(len(shape),) + shape)  # rough enough to fold some voxels
+    gradients = [np.gradient(ddf[i]) for i in range(len(shape))]
+    jac = np.array([[gradients[i][j] + (i == j) for j in range(len(shape))] for i in range(len(shape))])
+    expected = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    np.testing.assert_allclose(jacobian_determinant(ddf), expected, rtol=1e-9, atol=1e-9)
+    stats = deformation_stats(ddf)
+    assert 0.0 < stats["folding_fraction"] < 1.0
+    assert stats["folding_fraction"] == pytest.approx(np.mean(expected <= 0), abs=1e-12)
+    assert stats["std_log_jacobian"] == pytest.approx(np.log(expected[expected > 0]).std(), rel=1e-9)
+    assert stats["sdlogj_learn2reg"] == pytest.approx(np.log(np.clip(expected + 3, 1e-9, 1e9)).std(), rel=1e-9)
+
+
 def test_folding_fraction_positive_for_a_folding_field():
     shape = (32, 32)
     rows = np.arange(shape[0], dtype=float)[:, None] * np.ones(shape)
