@@ -270,6 +270,28 @@ def test_network_passes_with_refinement_refine_the_last_pass():
     assert (warp(moving, ddf) - fixed).abs().mean() < (warp(moving, first) - fixed).abs().mean()
 
 
+def test_refinement_hands_over_the_integrated_field_it_evaluated_last():
+    """The last level on the field's grid integrates the refined field for its closing loss; that DDF is returned and
+    used by the eval step in place of a second integration: it must be exactly exp(v) of the refined field."""
+    torch.manual_seed(0)
+    moving, fixed = _synthetic_pair((32, 32, 32))
+    backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+    network = RegistrationNet(backbone, 3, integration_steps=4, divisor=8, downsample=2, flow_init_std=0.1).eval()
+    refiner = VelocityRefiner(levels=(4, 2), iterations=(6, 3), kernel_size=3, integration_steps=4)
+    with torch.no_grad():
+        field = network.velocity(torch.cat([moving, fixed], dim=1))
+        result = refiner.refine(field, moving, fixed, network.downsample)
+        assert result.ddf is not None and torch.equal(result.ddf, network.integrate(result.field))
+        reports: list[dict] = []
+        ddf, _ = RegistrationEvalStep(refiner=refiner).network_ddf(network, moving, fixed, reports)
+        assert torch.equal(ddf, network.upsample_ddf(network.integrate(result.field), moving.shape[2:]))
+        # a last level coarser than the field's grid never integrates on it: nothing to hand over
+        assert (
+            VelocityRefiner(levels=(4,), iterations=(3,), integration_steps=4).refine(field, moving, fixed, 2).ddf
+            is None
+        )
+
+
 def test_network_passes_compose_on_the_velocity_grid_as_at_full_resolution():
     """A downsampling RegistrationNet composes its passes on the coarse grid and upsamples once: the same DDF (up to
     interpolation) as upsampling each pass and composing at full resolution, at an eighth of the voxels."""

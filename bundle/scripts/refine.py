@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from .integrate import identity_grid, integrate_velocity, warp
 from .losses import BoxLNCCLoss, FastBendingEnergyLoss
 
-__all__ = ["VelocityRefiner", "downsample_image"]
+__all__ = ["Refinement", "VelocityRefiner", "downsample_image"]
 
 
 def downsample_image(image: torch.Tensor, factor: int) -> torch.Tensor:
@@ -41,6 +42,20 @@ def _resize_field(field: torch.Tensor, shape: Sequence[int], scale: float) -> to
     return F.interpolate(field, size=list(shape), mode=mode, align_corners=False) * scale
 
 
+class Refinement(NamedTuple):
+    """What ``VelocityRefiner.refine`` returns.
+
+    ``field``: the refined velocity, shape of the network's field. ``report``: per-level losses and times.
+    ``ddf``: ``exp(field)`` on the field's own grid (``integrate_velocity(field, integration_steps)``, computed without
+    a graph, so exactly that value) when the last level ran on the field's grid, whose closing loss evaluation
+    integrates it anyway; ``None`` otherwise. Callers reuse it instead of integrating the field once more.
+    """
+
+    field: torch.Tensor
+    report: dict
+    ddf: torch.Tensor | None
+
+
 class VelocityRefiner:
     """Optimise a velocity field ``v`` for one pair, coarse to fine.
 
@@ -56,9 +71,11 @@ class VelocityRefiner:
             exact; see ``scripts.integrate.integrate_velocity``), ``None`` all: fewer ``grid_sample`` backward
             passes, the bulk of each iteration's cost on a CPU.
 
-    ``__call__(field, moving, fixed, field_factor)``: ``field`` ``(1, d, *coarse)`` is ``v₀`` on a grid ``field_factor``
-    times coarser than ``moving``/``fixed`` ``(1, 1, *spatial)``. Returns the refined field (same shape) and a report
-    ``{"levels": [{"factor", "iterations", "loss_start", "loss_end", "similarity_end", "seconds"}], "seconds"}``.
+    ``refine(field, moving, fixed, field_factor)``: ``field`` ``(1, d, *coarse)`` is ``v₀`` on a grid ``field_factor``
+    times coarser than ``moving``/``fixed`` ``(1, 1, *spatial)``. Returns a ``Refinement``: the refined field (same
+    shape), a report ``{"levels": [{"factor", "iterations", "loss_start", "loss_end", "similarity_end", "seconds"}],
+    "seconds"}`` and, when the last level is on the field's grid, the field's integrated DDF. ``__call__`` returns
+    the field and the report.
     """
 
     def __init__(
@@ -112,13 +129,31 @@ class VelocityRefiner:
         there (cheap). Otherwise ``v`` is integrated on its own grid, as the network does, and the displacement is
         upsampled to the level's grid, so the final level optimises exactly the DDF that is returned.
         """
+        loss, sim, _ = self._level_terms(field, moving, fixed, field_factor, factor, grid, field_grid)
+        return loss, sim
+
+    def _level_terms(
+        self,
+        field: torch.Tensor,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        field_factor: int,
+        factor: int,
+        grid: torch.Tensor | None,
+        field_grid: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``level_loss``'s loss and similarity, and ``exp(field)`` on the field's own grid when this level computed
+        it (the level's grid is the field's; ``None`` otherwise)."""
         grid = identity_grid(fixed.shape[2:], fixed.device) if grid is None else grid
+        on_field_grid = None
         if factor >= field_factor:
             velocity = _resize_field(field, fixed.shape[2:], field_factor / factor)
             ddf = integrate_velocity(
                 velocity, self.integration_steps, grid, differentiated_steps=self.differentiated_squarings
             )
             regularization = self.regularization(ddf)
+            if factor == field_factor and ddf.shape == field.shape:
+                on_field_grid = ddf
         else:
             coarse = integrate_velocity(
                 field, self.integration_steps, field_grid, differentiated_steps=self.differentiated_squarings
@@ -129,22 +164,29 @@ class VelocityRefiner:
         for axis, size in enumerate(fixed.shape[2:]):
             ddf = ddf.narrow(axis + 2, 0, size)
         sim = BoxLNCCLoss(fixed.dim() - 2, self.kernel_size)(warp(moving, ddf, grid=grid), fixed)
-        return sim + self.regularization_weight * regularization, sim
+        return sim + self.regularization_weight * regularization, sim, on_field_grid
 
     def __call__(
         self, field: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, field_factor: int = 1
     ) -> tuple[torch.Tensor, dict]:
+        result = self.refine(field, moving, fixed, field_factor)
+        return result.field, result.report
+
+    def refine(
+        self, field: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, field_factor: int = 1
+    ) -> Refinement:
         start = time.perf_counter()
         report: dict = {"levels": []}
         field = field.detach().float().clone()
         if not self.enabled:
             report["seconds"] = 0.0
-            return field, report
+            return Refinement(field, report, None)
         parameter = torch.nn.Parameter(field)
         field_grid = identity_grid(field.shape[2:], field.device)
         # fused: one kernel per step instead of a dozen passes over the field (benchmarks/cpu_kernels.py)
         fused = parameter.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
+        integrated = None
         with torch.enable_grad():
             for factor, count in zip(self.levels, self.iterations):
                 if count == 0:
@@ -165,7 +207,7 @@ class VelocityRefiner:
                     optimizer.step()
                     history.append((loss.item(), sim.item()))
                 with torch.no_grad():
-                    loss, sim = self.level_loss(
+                    loss, sim, integrated = self._level_terms(
                         parameter, moving_level, fixed_level, field_factor, factor, grid, field_grid
                     )
                 report["levels"].append(
@@ -180,4 +222,4 @@ class VelocityRefiner:
                     }
                 )
         report["seconds"] = time.perf_counter() - start
-        return parameter.detach(), report
+        return Refinement(parameter.detach(), report, integrated)

@@ -163,6 +163,10 @@ class TemplateRegistration(nn.Module):
     def integrate(self, field: torch.Tensor) -> torch.Tensor:
         return self.registration.integrate(field)
 
+    @property
+    def integration_steps(self) -> int | None:
+        return getattr(self.registration, "integration_steps", None)
+
     def upsample_ddf(self, ddf: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         return self.registration.upsample_ddf(ddf, spatial)
 
