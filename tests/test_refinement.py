@@ -33,6 +33,15 @@ def test_box_lncc_equals_monai_lncc(shape, kernel):
     expected = LocalNormalizedCrossCorrelationLoss(len(shape), kernel_size=kernel)(pred, target)
     torch.testing.assert_close(BoxLNCCLoss(len(shape), kernel)(pred, target), expected, rtol=1e-4, atol=1e-5)
     assert BoxLNCCLoss(len(shape), kernel)(target, target) < -0.99  # identical images: perfect correlation
+    # the target's window sums kept by a caller (refinement, once per level) give the same loss and gradient
+    loss = BoxLNCCLoss(len(shape), kernel)
+    moving = pred.clone().requires_grad_(True)
+    kept = loss(moving, target, loss.target_sums(target))
+    (kept_grad,) = torch.autograd.grad(kept, moving)
+    recomputed = loss(moving, target)
+    (recomputed_grad,) = torch.autograd.grad(recomputed, moving)
+    assert torch.equal(kept, recomputed) and torch.equal(kept_grad, recomputed_grad)
+    assert not torch.equal(loss(moving, target, loss.target_sums(pred.detach())), recomputed)  # the sums are used
 
 
 @pytest.mark.parametrize("shape", [(30, 41), (16, 20, 18)])

@@ -121,15 +121,17 @@ class VelocityRefiner:
         factor: int,
         grid: torch.Tensor | None = None,
         field_grid: torch.Tensor | None = None,
+        fixed_sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, similarity)`` of ``field`` evaluated on the grid of level ``factor`` (``grid``: its identity;
-        ``field_grid``: the identity of the field's own grid, both cached by the caller).
+        ``field_grid``: the identity of the field's own grid; ``fixed_sums``: the LNCC window sums of ``fixed``,
+        ``BoxLNCCLoss.target_sums``; all three cached by the caller, or computed here when ``None``).
 
         Coarser than the field (``factor > field_factor``): ``v`` is resampled onto the level's grid and integrated
         there (cheap). Otherwise ``v`` is integrated on its own grid, as the network does, and the displacement is
         upsampled to the level's grid, so the final level optimises exactly the DDF that is returned.
         """
-        loss, sim, _ = self._level_terms(field, moving, fixed, field_factor, factor, grid, field_grid)
+        loss, sim, _ = self._level_terms(field, moving, fixed, field_factor, factor, grid, field_grid, fixed_sums)
         return loss, sim
 
     def _level_terms(
@@ -141,6 +143,7 @@ class VelocityRefiner:
         factor: int,
         grid: torch.Tensor | None,
         field_grid: torch.Tensor | None,
+        fixed_sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``level_loss``'s loss and similarity, and ``exp(field)`` on the field's own grid when this level computed
         it (the level's grid is the field's; ``None`` otherwise)."""
@@ -163,8 +166,11 @@ class VelocityRefiner:
             ddf = _resize_field(coarse, [round(n * ratio) for n in coarse.shape[2:]], ratio)
         for axis, size in enumerate(fixed.shape[2:]):
             ddf = ddf.narrow(axis + 2, 0, size)
-        sim = BoxLNCCLoss(fixed.dim() - 2, self.kernel_size)(warp(moving, ddf, grid=grid), fixed)
+        sim = self._similarity(fixed)(warp(moving, ddf, grid=grid), fixed, fixed_sums)
         return sim + self.regularization_weight * regularization, sim, on_field_grid
+
+    def _similarity(self, fixed: torch.Tensor) -> BoxLNCCLoss:
+        return BoxLNCCLoss(fixed.dim() - 2, self.kernel_size)
 
     def __call__(
         self, field: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, field_factor: int = 1
@@ -195,21 +201,20 @@ class VelocityRefiner:
                 moving_level = downsample_image(moving.float(), factor)
                 fixed_level = downsample_image(fixed.float(), factor)
                 grid = identity_grid(fixed_level.shape[2:], fixed_level.device)
+                with torch.no_grad():  # the fixed image's half of every LNCC evaluation of this level, once
+                    fixed_sums = self._similarity(fixed_level).target_sums(fixed_level)
+                level_inputs = (moving_level, fixed_level, field_factor, factor, grid, field_grid, fixed_sums)
                 history = []
                 for _ in range(count):
                     optimizer.zero_grad(set_to_none=True)
-                    loss, sim = self.level_loss(
-                        parameter, moving_level, fixed_level, field_factor, factor, grid, field_grid
-                    )
+                    loss, sim = self.level_loss(parameter, *level_inputs)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"test-time refinement: non-finite loss at level {factor}")
                     loss.backward()
                     optimizer.step()
                     history.append((loss.item(), sim.item()))
                 with torch.no_grad():
-                    loss, sim, integrated = self._level_terms(
-                        parameter, moving_level, fixed_level, field_factor, factor, grid, field_grid
-                    )
+                    loss, sim, integrated = self._level_terms(parameter, *level_inputs)
                 report["levels"].append(
                     {
                         "factor": factor,

@@ -7,6 +7,7 @@ on the working directory).
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -153,37 +154,46 @@ class CheckIntensityd(MapTransform):
             values = torch.as_tensor(d[key])
             name = _filename(d, key)
             if key in self.image_keys:
-                if not torch.isfinite(values).all():
+                plain = values.as_tensor() if isinstance(values, MetaTensor) else values
+                lowest, highest = (float(v) for v in torch.aminmax(plain.float()))  # one pass; NaN propagates
+                if not (math.isfinite(lowest) and math.isfinite(highest)):
                     raise ValueError(f"{name} ('{key}') contains NaN or infinite values{self.suffix}")
-                if values.max() == values.min():
-                    raise ValueError(
-                        f"{name} ('{key}') is constant ({float(values.max())}){self.suffix}; nothing to register"
-                    )
+                if highest == lowest:
+                    raise ValueError(f"{name} ('{key}') is constant ({highest}){self.suffix}; nothing to register")
             else:
                 self._check_label(values, f"{name} ('{key}')")
         return d
 
     def _check_label(self, values: torch.Tensor, name: str) -> None:
         """A label map holds non-negative integer ids of a plausible number of structures; a probability map or an
-        intensity image given as a label would otherwise warp into an empty label and NaN scores."""
+        intensity image given as a label would otherwise warp into an empty label and NaN scores.
+
+        Few passes over the voxels (this runs on every label a registration reads, twice when it is resampled):
+        ``aminmax`` (NaN propagates into it), an exact integer test with the tolerance only computed when that fails,
+        and the distinct ids counted only when the highest id leaves room for too many.
+        """
         values = values.as_tensor() if isinstance(values, MetaTensor) else values  # plain ops, no meta bookkeeping
         values = values.float()
-        if not torch.isfinite(values).all():
+        lowest, highest_value = (float(v) for v in torch.aminmax(values))
+        if not (math.isfinite(lowest) and math.isfinite(highest_value)):
             raise ValueError(f"{name} contains NaN or infinite values{self.suffix}; a label map holds integer ids")
-        lowest = float(values.min())
         if lowest < 0:
             raise ValueError(f"{name} has negative values (min {lowest:g}){self.suffix}; label ids must be >= 0")
-        fraction = (values - values.round()).abs()
-        if float(fraction.max()) > self.integer_tolerance:
-            example = float(values.flatten()[int(fraction.flatten().argmax())])
-            raise ValueError(
-                f"{name} has non-integer values (e.g. {example:g}){self.suffix}: a label map holds integer ids "
-                "(a probability map or an intensity image is not a label)"
-            )
-        ids = values.round().long()
-        highest = int(ids.max())
+        rounded = values.round()
+        if not torch.equal(rounded, values):
+            fraction = (values - rounded).abs()
+            if float(fraction.max()) > self.integer_tolerance:
+                example = float(values.flatten()[int(fraction.flatten().argmax())])
+                raise ValueError(
+                    f"{name} has non-integer values (e.g. {example:g}){self.suffix}: a label map holds integer ids "
+                    "(a probability map or an intensity image is not a label)"
+                )
+        highest = round(highest_value)
         if highest == 0:
             raise ValueError(f"{name} has no foreground label (all values are 0){self.suffix}")
+        if highest + 1 <= self.max_label_values:
+            return  # ids 0..highest: no more distinct values than max_label_values, nothing to count
+        ids = rounded.long()
         # bincount counts the ids in one pass; torch.unique sorts every voxel (the slowest step of loading a label).
         if highest < 2**20:
             distinct = int(torch.bincount(ids.flatten(), minlength=highest + 1).count_nonzero())
