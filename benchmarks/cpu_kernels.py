@@ -6,8 +6,10 @@ ones they replace (same values; tests/test_refinement.py checks that), on the sh
 
 Rows: ``grid_sample`` of a 3-channel field (one scaling-and-squaring step) with torch's kernel vs
 ``scripts.integrate.grid_sample`` (one slab per thread); MONAI's ``BendingEnergyLoss`` vs ``FastBendingEnergyLoss``;
-the LNCC's box sums through autograd vs the self-adjoint ``box_sum``; one Adam step on a velocity of that grid,
-PyTorch's default (foreach) vs ``fused=True`` as test-time refinement builds it (the step alone, no backward);
+the LNCC's box sums through autograd vs the self-adjoint ``box_sum``; the LNCC loss computing the fixed image's
+window sums at every call vs with them kept (``BoxLNCCLoss.target_sums``, once per refinement level); one Adam step
+on a velocity of that grid, PyTorch's default (foreach) vs ``fused=True`` as test-time refinement builds it (the step
+alone, no backward);
 the network's first 3D convolution (2 -> 8 channels) with PyTorch's backend choice vs ``OneDnnConv3d``, and the
 shipped network with plain ``nn.Conv3d`` layers vs the bundle's (``use_onednn_conv3d``): its forward pass on a 1 mm
 pair (no gradient; inference) and a forward + backward pass on a pair of the 2 mm training grid (a training step).
@@ -35,7 +37,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 from monai.losses import BendingEnergyLoss  # noqa: E402
 from scripts.conv_backend import OneDnnConv3d  # noqa: E402
 from scripts.integrate import grid_sample, identity_grid  # noqa: E402
-from scripts.losses import FastBendingEnergyLoss, _box_sum, box_sum  # noqa: E402
+from scripts.losses import BoxLNCCLoss, FastBendingEnergyLoss, _box_sum, box_sum  # noqa: E402
 
 
 def median_ms(step, repeats: int) -> float:
@@ -63,6 +65,10 @@ def main() -> None:
     grid = identity_grid(shape)
     field = (3.0 * smooth).requires_grad_(True)
     maps = torch.rand((1, 5) + shape, generator=generator, requires_grad=True)  # LNCC's five maps
+    lncc = BoxLNCCLoss(3, 5)
+    fixed_image = torch.rand((1, 1) + shape, generator=generator)
+    warped_image = torch.rand((1, 1) + shape, generator=generator, requires_grad=True)
+    fixed_sums = lncc.target_sums(fixed_image)  # what refinement keeps for a level
     optimizers = {}
     for name, options in (("foreach", {}), ("fused", {"fused": True})):
         velocity = torch.nn.Parameter(smooth.clone())
@@ -108,6 +114,11 @@ def main() -> None:
             "LNCC box sums (5 maps, window 5)",
             lambda: _box_sum(maps, 5).sum().backward(),
             lambda: box_sum(maps, 5).sum().backward(),
+        ),
+        (
+            "LNCC loss, fixed image's window sums recomputed vs kept",
+            lambda: lncc(warped_image, fixed_image).backward(),
+            lambda: lncc(warped_image, fixed_image, fixed_sums).backward(),
         ),
         ("Adam step, 3-channel velocity", optimizers["foreach"].step, optimizers["fused"].step),
         (
