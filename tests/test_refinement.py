@@ -294,6 +294,10 @@ def test_refinement_hands_over_the_integrated_field_it_evaluated_last():
         reports: list[dict] = []
         ddf, _ = RegistrationEvalStep(refiner=refiner).network_ddf(network, moving, fixed, reports)
         assert torch.equal(ddf, network.upsample_ddf(network.integrate(result.field), moving.shape[2:]))
+        # a finer last level integrates on the field's grid too, then upsamples: the same hand-over
+        finer = VelocityRefiner(levels=(4, 1), iterations=(3, 2), kernel_size=3, integration_steps=4)
+        result = finer.refine(field, moving, fixed, network.downsample)
+        assert result.ddf is not None and torch.equal(result.ddf, network.integrate(result.field))
         # a last level coarser than the field's grid never integrates on it: nothing to hand over
         assert (
             VelocityRefiner(levels=(4,), iterations=(3,), integration_steps=4).refine(field, moving, fixed, 2).ddf

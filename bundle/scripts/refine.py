@@ -47,8 +47,9 @@ class Refinement(NamedTuple):
 
     ``field``: the refined velocity, shape of the network's field. ``report``: per-level losses and times.
     ``ddf``: ``exp(field)`` on the field's own grid (``integrate_velocity(field, integration_steps)``, computed without
-    a graph, so exactly that value) when the last level ran on the field's grid, whose closing loss evaluation
-    integrates it anyway; ``None`` otherwise. Callers reuse it instead of integrating the field once more.
+    a graph, so exactly that value) when the last level ran on the field's grid or a finer one, whose closing loss
+    evaluation integrates it anyway; ``None`` after a coarser last level. Callers reuse it instead of integrating the
+    field once more.
     """
 
     field: torch.Tensor
@@ -74,8 +75,8 @@ class VelocityRefiner:
     ``refine(field, moving, fixed, field_factor)``: ``field`` ``(1, d, *coarse)`` is ``v₀`` on a grid ``field_factor``
     times coarser than ``moving``/``fixed`` ``(1, 1, *spatial)``. Returns a ``Refinement``: the refined field (same
     shape), a report ``{"levels": [{"factor", "iterations", "loss_start", "loss_end", "similarity_end", "seconds"}],
-    "seconds"}`` and, when the last level is on the field's grid, the field's integrated DDF. ``__call__`` returns
-    the field and the report.
+    "seconds"}`` and, unless the last level is coarser than the field's grid, the field's integrated DDF.
+    ``__call__`` returns the field and the report.
     """
 
     def __init__(
@@ -146,7 +147,7 @@ class VelocityRefiner:
         fixed_sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``level_loss``'s loss and similarity, and ``exp(field)`` on the field's own grid when this level computed
-        it (the level's grid is the field's; ``None`` otherwise)."""
+        it (the level's grid is the field's or finer; ``None`` for a coarser level)."""
         grid = identity_grid(fixed.shape[2:], fixed.device) if grid is None else grid
         on_field_grid = None
         if factor >= field_factor:
@@ -162,6 +163,7 @@ class VelocityRefiner:
                 field, self.integration_steps, field_grid, differentiated_steps=self.differentiated_squarings
             )
             regularization = self.regularization(coarse)
+            on_field_grid = coarse
             ratio = field_factor / factor
             ddf = _resize_field(coarse, [round(n * ratio) for n in coarse.shape[2:]], ratio)
         for axis, size in enumerate(fixed.shape[2:]):
