@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, check_ok, run_bundle
 from monai.bundle import ConfigParser
+from scripts.integrate import warp
 from scripts.synthetic import SyntheticSpec, generate_subjects
 
 
@@ -29,6 +32,8 @@ def pair_and_checkpoint(tmp_path_factory):
     flipped_affine[0, 0], flipped_affine[0, 3] = -1.0, 63.0
     files["fixed_flipped"] = str(folder / "fixed_flipped.nii.gz")
     nib.save(nib.Nifti1Image(subjects[0][0][::-1, :, None].copy(), flipped_affine), files["fixed_flipped"])
+    files["moving_flipped"] = str(folder / "moving_flipped.nii.gz")
+    nib.save(nib.Nifti1Image(subjects[1][0][::-1, :, None].copy(), flipped_affine), files["moving_flipped"])
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
     parser.update({"spatial_dims": 2})
@@ -75,3 +80,39 @@ def test_outputs_carry_the_fixed_files_affine_and_follow_its_orientation(pair_an
     # axis 0 runs the other way in the flipped file: its displacement component changes sign
     np.testing.assert_allclose(ddf_flipped[..., 0], -ddf[::-1, ..., 0], atol=1e-4)
     np.testing.assert_allclose(ddf_flipped[..., 1], ddf[::-1, ..., 1], atol=1e-4)
+
+
+def test_inverse_field_lands_on_the_moving_files_grid_and_undoes_the_forward_field(pair_and_checkpoint, tmp_path):
+    """``--write_inverse_ddf true`` writes φ⁻¹ on the moving file's grid with its affine; a moving file stored flipped
+    gives the same field flipped (the network sees the same RAS arrays), and on a shared grid φ ∘ φ⁻¹ ≈ identity."""
+    folder, files = pair_and_checkpoint
+    written = {}
+    for moving_key in ("moving_image", "moving_flipped"):
+        out = tmp_path / moving_key
+        overrides = {
+            "fixed_image": files["fixed_image"],
+            "moving_image": files[moving_key],
+            "ckpt_path": folder / "model.pt",
+            "output_dir": out,
+            "refine_iterations": 0,
+            "write_inverse_ddf": "true",  # as the command line passes it
+        }
+        check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
+        written[moving_key] = (nib.load(str(out / "inverse_ddf.nii.gz")), nib.load(str(out / "ddf.nii.gz")))
+        np.testing.assert_allclose(written[moving_key][0].affine, nib.load(files[moving_key]).affine)
+        assert written[moving_key][0].shape == (64, 64, 1, 1, 2)
+        assert written[moving_key][0].header.get_intent()[0] == "vector"
+        consistency = json.loads((out / "metrics.json").read_text())["inverse_consistency"]
+        assert 0 <= consistency["mean_voxels"] <= consistency["p99_voxels"] <= consistency["max_voxels"]
+    inverse, ddf = (np.asarray(image.dataobj)[:, :, 0, 0, :] for image in written["moving_image"])
+    flipped = np.asarray(written["moving_flipped"][0].dataobj)[:, :, 0, 0, :]
+    assert np.abs(inverse).max() > 0.5
+    np.testing.assert_allclose(flipped[..., 0], -inverse[::-1, :, 0], atol=1e-4)
+    np.testing.assert_allclose(flipped[..., 1], inverse[::-1, :, 1], atol=1e-4)
+    # φ(φ⁻¹(x)) - x = u⁻¹(x) + u(x + u⁻¹(x)), away from the border where φ⁻¹ leaves the grid
+    to_tensor = lambda field: torch.as_tensor(np.moveaxis(field, -1, 0)[None].copy())  # noqa: E731
+    residual = to_tensor(inverse) + warp(to_tensor(ddf), to_tensor(inverse), mode="bilinear", padding_mode="border")
+    assert residual[..., 8:-8, 8:-8].abs().mean() < 0.1 * np.abs(ddf).mean(), (
+        float(residual[..., 8:-8, 8:-8].abs().mean()),
+        float(np.abs(ddf).mean()),
+    )

@@ -345,3 +345,53 @@ def test_later_passes_see_the_moving_image_warped_on_the_backbone_grid_with_its_
     torch.testing.assert_close(warped[:, :, :15, :17, :14], warp(pooled[:, :1, :15, :17, :14], shift))
     assert warped[:, :, 15:].abs().max() == 0 and warped[:, :, :, 17:].abs().max() == 0
     assert warped[:, :, :, :, 14:].abs().max() == 0
+
+
+class _TwoVelocities(RegistrationNet):
+    """A RegistrationNet whose passes predict two fixed, different smooth velocities in turn (they do not commute)."""
+
+    def __init__(self, velocities: list[torch.Tensor]) -> None:
+        super().__init__(VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,)), 3, integration_steps=5, divisor=8, downsample=2)
+        self.velocities, self.calls = velocities, 0
+
+    def velocity_from_pooled(self, pooled: torch.Tensor, spatial) -> torch.Tensor:
+        self.calls += 1
+        return self.velocities[(self.calls - 1) % len(self.velocities)]
+
+
+def test_inverse_field_undoes_the_composed_passes_and_the_refined_field():
+    """``φ = exp(v_1) ∘ exp(v_2)`` (two passes), so ``φ⁻¹ = exp(-v_2) ∘ exp(-v_1)``: ``φ ∘ φ⁻¹`` must be the identity
+    up to interpolation, far closer than the field's own size and than the wrong order; with refinement the inverse
+    is that of the refined field. A displacement network (no integration) has no such inverse: a clear error."""
+    moving, fixed = _synthetic_pair((32, 32, 32))
+    network = _TwoVelocities([_smooth_field((16, 16, 16), 2.0, seed=s) for s in (5, 6)]).eval()
+    inside = (slice(None), slice(None), slice(6, -6), slice(6, -6), slice(6, -6))
+    with torch.no_grad():
+        step = RegistrationEvalStep(network_passes=2, inverse=True)
+        fields = step.register(network, moving, fixed, [])
+        inverse, consistency = step.inverse_ddf(network, fields, moving.shape[2:])
+        assert len(fields.velocities) == 2 and inverse.shape == fields.ddf.shape
+        residual = compose_ddfs(fields.ddf, inverse)[inside].abs().max()
+        wrong_order = compose_ddfs(network.integrate(-fields.velocities[0]), network.integrate(-fields.velocities[1]))
+        wrong = compose_ddfs(fields.ddf, network.upsample_ddf(wrong_order, moving.shape[2:]))[inside].abs().max()
+        size = fields.ddf[inside].abs().max()
+        assert size > 2.0, float(size)  # the passes move voxels: the check is not between near-zero fields
+        assert residual < 0.1 * size and residual < 0.5 * wrong, (float(residual), float(wrong), float(size))
+        assert consistency[0]["mean_voxels"] <= consistency[0]["p99_voxels"] <= consistency[0]["max_voxels"]
+        assert consistency[0]["mean_voxels"] < 0.05 * float(size)
+
+        torch.manual_seed(0)
+        backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+        trained = RegistrationNet(backbone, 3, integration_steps=5, divisor=8, flow_init_std=0.3, downsample=2).eval()
+        refiner = VelocityRefiner(levels=(4, 2), iterations=(5, 3), kernel_size=3, integration_steps=5)
+        refined_step = RegistrationEvalStep(refiner=refiner, inverse=True)
+        refined = refined_step.register(trained, moving, fixed, [])
+        refined_inverse, _ = refined_step.inverse_ddf(trained, refined, moving.shape[2:])
+        torch.testing.assert_close(
+            refined_inverse, trained.upsample_ddf(trained.integrate(-refined.velocities[-1]), moving.shape[2:])
+        )
+        assert compose_ddfs(refined.ddf, refined_inverse)[inside].abs().max() < 0.1 * refined.ddf[inside].abs().max()
+
+        displacement_net = RegistrationNet(backbone, 3, integration_steps=0, divisor=8, downsample=2).eval()
+        with pytest.raises(ValueError, match="integration_steps > 0"):
+            step.inverse_ddf(displacement_net, step.register(displacement_net, moving, fixed, []), moving.shape[2:])

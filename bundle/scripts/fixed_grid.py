@@ -16,10 +16,11 @@ __all__ = ["FixedFileGrid"]
 
 
 class FixedFileGrid:
-    """The fixed file's grid, and conversions of network-grid arrays onto it.
+    """The fixed file's grid, and conversions of network-grid arrays onto it (the moving file's grid for the
+    inverse field, given the moving image's affine on the network grid).
 
     Args:
-        fixed_path: the fixed image file.
+        fixed_path: the fixed image file (or the moving one).
         network_affine: ``(dims + 1)``-square affine of the preprocessed fixed image (MONAI's, 3x3 for 2D).
         network_shape: spatial shape of the preprocessed fixed image.
     """

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_t
 
 __all__ = [
     "FiniteLossGuard",
+    "PassFields",
     "RegistrationBatch",
     "RegistrationEvalStep",
     "RegistrationLoss",
@@ -195,6 +197,21 @@ def _warp_padded(image: torch.Tensor, ddf: torch.Tensor, warp_image) -> torch.Te
 _COARSE_INTERFACE = ("pooled_pair", "velocity_from_pooled", "integrate", "upsample_ddf")
 
 
+@dataclass
+class PassFields:
+    """What the network passes (and the refinement) produced for a batch.
+
+    ``ddf``: the composed DDF on the input grid ``(B, d, *spatial)``; ``network_seconds``: the network passes alone;
+    ``velocities``: each pass' velocity on the velocity grid ``(B, d, *coarse)``, the last one refined (empty for a
+    network without a velocity grid); ``coarse_ddf``: the composed DDF on the velocity grid (None without one).
+    """
+
+    ddf: torch.Tensor
+    network_seconds: float
+    velocities: list[torch.Tensor] = dataclass_field(default_factory=list)
+    coarse_ddf: torch.Tensor | None = None
+
+
 class RegistrationEvalStep:
     """Register a batch of held-out pairs and score them, with the identity (no registration) as the baseline.
 
@@ -217,6 +234,10 @@ class RegistrationEvalStep:
         refiner: optional test-time refinement; needs a network with ``velocity``/``integrate``/``upsample_ddf``
             (``scripts.network.RegistrationNet``).
         network_passes: how many times the network registers the pair (1: once).
+        inverse: also compute ``φ⁻¹`` (output ``inverse_ddf``, on the input grid, which the moving image shares):
+            ``φ⁻¹ = exp(-v_n) ∘ ... ∘ exp(-v_1)``, exact up to the integration's interpolation; each record gets
+            ``inverse_consistency``, how far ``φ ∘ φ⁻¹`` is from the identity (input voxels). Needs a network with a
+            velocity grid that integrates a velocity (``integration_steps > 0``).
     """
 
     def __init__(
@@ -225,10 +246,12 @@ class RegistrationEvalStep:
         compute_hd95: bool = True,
         refiner=None,
         network_passes: int = 1,
+        inverse: bool = False,
     ) -> None:
         if int(network_passes) < 1:
             raise ValueError(f"network_passes must be a positive integer, got {network_passes}")
         self.network_passes = int(network_passes)
+        self.inverse = bool(inverse)
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
         self.refiner = refiner if refiner is not None and refiner.enabled else None
@@ -246,7 +269,8 @@ class RegistrationEvalStep:
         refinements: list[dict] = []
         with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
             start = time.perf_counter()
-            ddf, network_seconds = self.network_ddf(engine.network, moving, fixed, refinements)
+            fields = self.register(engine.network, moving, fixed, refinements)
+            ddf, network_seconds = fields.ddf, fields.network_seconds
             sampling = sampling_grid(ddf)
             warped = self.warp_image(moving, sampling)
             if device.type == "cuda":
@@ -257,6 +281,10 @@ class RegistrationEvalStep:
             if "moving_label" in batch:
                 warped_label = self.warp_label(_plain(batch["moving_label"]).to(device).float(), sampling)
         output = {"fixed_image": fixed, "moving_image": moving, "warped_image": warped, "ddf": ddf}
+        consistency: list[dict] = []
+        if self.inverse:
+            with torch.no_grad():
+                output["inverse_ddf"], consistency = self.inverse_ddf(engine.network, fields, moving.shape[2:])
         if warped_label is not None and any(label_present(batch, "moving", i) for i in range(fixed.shape[0])):
             output["warped_label"] = warped_label
             output["moving_label"] = batch["moving_label"]
@@ -268,13 +296,23 @@ class RegistrationEvalStep:
             record["network_passes"] = self.network_passes
             if refinements:
                 record["refinement"] = refinements[i]
+            if consistency:
+                record["inverse_consistency"] = consistency[i]
         return output
 
     def network_ddf(
         self, network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reports: list[dict]
     ) -> tuple[torch.Tensor, float]:
         """The DDF of ``network_passes`` passes (the last one refined when there is a refiner) and the seconds spent
-        in the network passes (without the refinement).
+        in the network passes (without the refinement); ``register``'s ``ddf`` and ``network_seconds``."""
+        fields = self.register(network, moving, fixed, reports)
+        return fields.ddf, fields.network_seconds
+
+    def register(
+        self, network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reports: list[dict]
+    ) -> PassFields:
+        """Run the ``network_passes`` passes (the last one refined when there is a refiner); refinement reports
+        are appended to ``reports``.
 
         With a ``RegistrationNet`` the passes' fields are integrated and composed on the velocity grid and upsampled
         once (a 3D brain: composing on the 2 mm grid costs an eighth of composing at 1 mm), and each later pass sees
@@ -292,13 +330,16 @@ class RegistrationEvalStep:
             )
         start = time.perf_counter()
         if not coarse:
-            return self._full_resolution_passes(network, moving, fixed), time.perf_counter() - start
+            ddf = self._full_resolution_passes(network, moving, fixed)
+            return PassFields(ddf, time.perf_counter() - start)
         spatial = moving.shape[2:]
         earlier = None  # the composed DDF of the passes before the last, on the velocity grid
+        velocities = []
         pooled = network.pooled_pair(torch.cat([moving, fixed], dim=1))
         pooled_moving, pooled_fixed = pooled[:, :1], pooled[:, 1:]
         for _ in range(self.network_passes - 1):
-            step = network.integrate(network.velocity_from_pooled(pooled, spatial)).float()
+            velocities.append(network.velocity_from_pooled(pooled, spatial).float())
+            step = network.integrate(velocities[-1]).float()
             earlier = step if earlier is None else compose_ddfs(earlier, step)
             pooled = torch.cat([_warp_padded(pooled_moving, earlier, self.warp_image), pooled_fixed], dim=1)
         field = network.velocity_from_pooled(pooled, spatial).float()
@@ -324,7 +365,46 @@ class RegistrationEvalStep:
         if last is None:
             last = network.integrate(field).float()
         ddf = last if earlier is None else compose_ddfs(earlier, last)
-        return network.upsample_ddf(ddf, spatial).float(), network_seconds
+        return PassFields(network.upsample_ddf(ddf, spatial).float(), network_seconds, velocities + [field], ddf)
+
+    def inverse_ddf(
+        self, network: nn.Module, fields: PassFields, spatial: Sequence[int]
+    ) -> tuple[torch.Tensor, list[dict]]:
+        """``φ⁻¹`` on the input grid ``(B, d, *spatial)`` and, per pair, how far ``φ ∘ φ⁻¹`` is from the identity.
+
+        ``φ = exp(v_1) ∘ ... ∘ exp(v_n)``, so ``φ⁻¹ = exp(-v_n) ∘ ... ∘ exp(-v_1)``: integrated and composed on the
+        velocity grid, upsampled once, like ``φ``. The residual ``|φ(φ⁻¹(x)) - x|`` is measured there (input voxels:
+        coarse voxels x ``downsample``) and reported as its mean, 99th percentile and maximum; it is the
+        interpolation error of the integration, not a property of the registration.
+        """
+        network = getattr(network, "module", network)
+        if not fields.velocities or fields.coarse_ddf is None:
+            raise TypeError(
+                f"the inverse field needs a network with {'/'.join(_COARSE_INTERFACE)} "
+                f"(scripts.network.RegistrationNet), got {type(network)}"
+            )
+        if int(getattr(network, "integration_steps", 0)) <= 0:
+            raise ValueError(
+                "the inverse field needs a diffeomorphic model (integration_steps > 0): a network that predicts a "
+                "displacement (integration_steps 0) has no exp(-v) inverse"
+            )
+        inverse = None
+        for velocity in reversed(fields.velocities):
+            step = network.integrate(-velocity).float()
+            inverse = step if inverse is None else compose_ddfs(inverse, step)
+        residual = compose_ddfs(fields.coarse_ddf, inverse)  # φ ∘ φ⁻¹ - id on the velocity grid
+        scale = float(getattr(network, "downsample", 1))
+        norms = torch.linalg.vector_norm(residual, dim=1).flatten(1) * scale
+        rank = int(round(0.99 * (norms.shape[1] - 1))) + 1  # the 99th percentile's order statistic (1-based)
+        consistency = [
+            {
+                "mean_voxels": float(n.mean()),
+                "p99_voxels": float(torch.kthvalue(n, rank).values),  # a selection, not torch.quantile's full sort
+                "max_voxels": float(n.max()),
+            }
+            for n in norms
+        ]
+        return network.upsample_ddf(inverse, spatial).float(), consistency
 
     def _full_resolution_passes(self, network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The passes of a network that maps ``cat(moving, fixed)`` to a full-resolution DDF and nothing more."""
