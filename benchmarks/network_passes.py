@@ -3,7 +3,7 @@
 validation pairs, per number of passes, with and without test-time refinement.
 
     python benchmarks/network_passes.py [--passes 1,2,3] [--dims 3,2] [--pairs 8] [--presets fast,default]
-        [--threads 2]
+        [--threads 2] [--averages none,flip,inverse]
 
 Each pass registers the moving image warped by the passes before it and the fields compose
 (``RegistrationEvalStep(network_passes=n).network_ddf``, what ``inference.yaml`` runs). The pairs are the
@@ -12,8 +12,12 @@ drawn from a fixed seed); no brain and no test subject is used. Each model runs 
 3D pairs (drawn on the 2 mm training grid, 80 x 96 x 112) are upsampled to 1 mm (linear images, nearest labels), as
 the network meets a 1 mm brain; 2D pairs at their own 160 x 192. ``--presets`` adds, for 3D, each refinement preset
 of ``inference.yaml`` started from 1 and from 2 passes (the refinement optimises the last pass' velocity; ~1 min per
-pair and preset). Prints mean Dice over the synthetic labels present in both images, folded voxels % and median
-seconds per pair (network + refinement).
+pair and preset). ``--averages`` adds test-time averaging of each pass' velocity, in place of more passes for the
+same number of network evaluations (network alone): ``flip``, the mean of ``v`` and of the velocity predicted for
+the pair mirrored along the first axis (mirrored back, first component negated); ``inverse``, the mean of ``v`` and
+of ``-v`` predicted for the swapped pair (``exp(-v)`` inverts ``exp(v)``, so a perfectly symmetric network gives the
+same field). Prints mean Dice over the synthetic labels present in both images, folded voxels % and median seconds
+per pair (network + refinement).
 """
 
 from __future__ import annotations
@@ -52,6 +56,29 @@ def model_and_pairs(spatial_dims: int, num_pairs: int):
     return network, training.get_parsed_content("validate#dataset")
 
 
+class AveragedVelocity(torch.nn.Module):
+    """The network with each velocity averaged over a second evaluation (``flip`` or ``inverse``, module doc)."""
+
+    def __init__(self, network: torch.nn.Module, average: str) -> None:
+        super().__init__()
+        self.network, self.average = network, average
+        self.pooled_pair, self.integrate, self.upsample_ddf = (
+            network.pooled_pair,
+            network.integrate,
+            network.upsample_ddf,
+        )
+
+    def velocity_from_pooled(self, pooled: torch.Tensor, spatial) -> torch.Tensor:
+        velocity = self.network.velocity_from_pooled(pooled, spatial)
+        if self.average == "inverse":
+            return 0.5 * (velocity - self.network.velocity_from_pooled(pooled.flip(1), spatial))
+        if list(pooled.shape[2:]) != self.network.coarse_shape(spatial):
+            raise ValueError("flip averaging needs a grid the backbone does not pad (here it pads)")
+        mirrored = self.network.velocity_from_pooled(pooled.flip(2), spatial).flip(2)
+        mirrored[:, 0] = -mirrored[:, 0]
+        return 0.5 * (velocity + mirrored)
+
+
 def as_inference_input(pair: dict, spatial_dims: int) -> tuple[torch.Tensor, ...]:
     """``(moving, fixed, moving_label, fixed_label)`` as batches of one; 3D upsampled from 2 mm to 1 mm."""
     tensors = [pair[key][None].float() for key in ("moving_image", "fixed_image", "moving_label", "fixed_label")]
@@ -69,18 +96,22 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--presets", default="", help="3D refinement presets to add, e.g. fast,default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--averages", default="none", help="none,flip,inverse: test-time averaging (network alone)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     passes = [int(p) for p in args.passes.split(",")]
     print(f"{args.threads} threads, {args.pairs} synthetic validation pairs per model")
-    print("| model | refinement | passes | mean Dice | folded voxels % | seconds per pair |")
-    print("|---|---|---|---|---|---|")
+    print("| model | refinement | averaging | passes | mean Dice | folded voxels % | seconds per pair |")
+    print("|---|---|---|---|---|---|---|")
     for spatial_dims in (int(d) for d in args.dims.split(",")):
         network, pairs = model_and_pairs(spatial_dims, args.pairs)
-        steps = {("none", n): RegistrationEvalStep(network_passes=n) for n in passes}
+        networks = {"none": network} | {
+            average: AveragedVelocity(network, average) for average in args.averages.split(",") if average != "none"
+        }
+        steps = {("none", average, n): RegistrationEvalStep(network_passes=n) for average in networks for n in passes}
         for preset in filter(None, args.presets.split(",") if spatial_dims == 3 else []):
             refiner = inference_config(spatial_dims=3, refine_preset=preset).get_parsed_content("refiner")
-            steps.update({(preset, n): RegistrationEvalStep(refiner=refiner, network_passes=n) for n in (1, 2)})
+            steps.update({(preset, "none", n): RegistrationEvalStep(refiner=refiner, network_passes=n) for n in (1, 2)})
         scores = {key: {"dice": [], "folded": [], "seconds": []} for key in steps}
         identity = []
         for index in range(len(pairs)):
@@ -92,17 +123,17 @@ def main() -> None:
             for key, step in steps.items():
                 with torch.no_grad():
                     start = time.perf_counter()
-                    ddf, _ = step.network_ddf(network, moving, fixed, [])
+                    ddf, _ = step.network_ddf(networks[key[1]], moving, fixed, [])
                     scores[key]["seconds"].append(time.perf_counter() - start)
                     warped = warp(moving_label, ddf, mode="nearest", padding_mode="zeros")[0, 0]
                 dice = dice_per_label(fixed_ids, warped.numpy().round().astype(np.int32), ids)
                 scores[key]["dice"].append(statistics.mean(dice.values()))
                 scores[key]["folded"].append(100 * deformation_stats(ddf[0].numpy())["folding_fraction"])
         name = f"{spatial_dims}D"
-        print(f"| {name} | no registration | - | {statistics.mean(identity):.4f} | 0 | 0 |")
-        for (refinement, n), row in scores.items():
+        print(f"| {name} | no registration | - | - | {statistics.mean(identity):.4f} | 0 | 0 |")
+        for (refinement, average, n), row in scores.items():
             print(
-                f"| {name} | {refinement} | {n} | {statistics.mean(row['dice']):.4f} "
+                f"| {name} | {refinement} | {average} | {n} | {statistics.mean(row['dice']):.4f} "
                 f"| {statistics.mean(row['folded']):.4f} | {statistics.median(row['seconds']):.2f} |",
                 flush=True,
             )
