@@ -34,6 +34,13 @@ def pair_and_checkpoint(tmp_path_factory):
     nib.save(nib.Nifti1Image(subjects[0][0][::-1, :, None].copy(), flipped_affine), files["fixed_flipped"])
     files["moving_flipped"] = str(folder / "moving_flipped.nii.gz")
     nib.save(nib.Nifti1Image(subjects[1][0][::-1, :, None].copy(), flipped_affine), files["moving_flipped"])
+    # The same moving slice with 4 more voxels of background on either side of the first axis (origin 4 mm lower): a
+    # larger field of view, resampled onto the fixed grid in world coordinates before registering.
+    padded_affine = affine.copy()
+    padded_affine[0, 3] = -4.0
+    files["moving_padded"] = str(folder / "moving_padded.nii.gz")
+    padded = np.pad(subjects[1][0], ((4, 4), (0, 0)))
+    nib.save(nib.Nifti1Image(padded[:, :, None], padded_affine), files["moving_padded"])
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
     parser.update({"spatial_dims": 2})
@@ -83,11 +90,12 @@ def test_outputs_carry_the_fixed_files_affine_and_follow_its_orientation(pair_an
 
 
 def test_inverse_field_lands_on_the_moving_files_grid_and_undoes_the_forward_field(pair_and_checkpoint, tmp_path):
-    """``--write_inverse_ddf true`` writes φ⁻¹ on the moving file's grid with its affine; a moving file stored flipped
-    gives the same field flipped (the network sees the same RAS arrays), and on a shared grid φ ∘ φ⁻¹ ≈ identity."""
+    """``--write_inverse_ddf true`` writes φ⁻¹ on the moving file's grid with its affine: a moving file stored flipped
+    gives the same field flipped (the network sees the same RAS arrays), one with a larger field of view the same
+    field inside the fixed one and zero outside; on a shared grid φ ∘ φ⁻¹ ≈ identity."""
     folder, files = pair_and_checkpoint
     written = {}
-    for moving_key in ("moving_image", "moving_flipped"):
+    for moving_key in ("moving_image", "moving_flipped", "moving_padded"):
         out = tmp_path / moving_key
         overrides = {
             "fixed_image": files["fixed_image"],
@@ -100,7 +108,7 @@ def test_inverse_field_lands_on_the_moving_files_grid_and_undoes_the_forward_fie
         check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
         written[moving_key] = (nib.load(str(out / "inverse_ddf.nii.gz")), nib.load(str(out / "ddf.nii.gz")))
         np.testing.assert_allclose(written[moving_key][0].affine, nib.load(files[moving_key]).affine)
-        assert written[moving_key][0].shape == (64, 64, 1, 1, 2)
+        assert written[moving_key][0].shape == nib.load(files[moving_key]).shape[:3] + (1, 2)
         assert written[moving_key][0].header.get_intent()[0] == "vector"
         consistency = json.loads((out / "metrics.json").read_text())["inverse_consistency"]
         assert 0 <= consistency["mean_voxels"] <= consistency["p99_voxels"] <= consistency["max_voxels"]
@@ -109,6 +117,11 @@ def test_inverse_field_lands_on_the_moving_files_grid_and_undoes_the_forward_fie
     assert np.abs(inverse).max() > 0.5
     np.testing.assert_allclose(flipped[..., 0], -inverse[::-1, :, 0], atol=1e-4)
     np.testing.assert_allclose(flipped[..., 1], inverse[::-1, :, 1], atol=1e-4)
+    # the larger moving file: the same field on its own grid (4 voxels in), nothing outside the fixed field of view
+    padded = np.asarray(written["moving_padded"][0].dataobj)[:, :, 0, 0, :]
+    assert padded.shape == (72, 64, 2)
+    np.testing.assert_allclose(padded[4:-4], inverse, atol=1e-4)
+    assert np.abs(padded[:4]).max() == 0 and np.abs(padded[-4:]).max() == 0
     # φ(φ⁻¹(x)) - x = u⁻¹(x) + u(x + u⁻¹(x)), away from the border where φ⁻¹ leaves the grid
     to_tensor = lambda field: torch.as_tensor(np.moveaxis(field, -1, 0)[None].copy())  # noqa: E731
     residual = to_tensor(inverse) + warp(to_tensor(ddf), to_tensor(inverse), mode="bilinear", padding_mode="border")
