@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, check_ok, run_bundle
+from conftest import BUNDLE, CONFIGS, check_ok, run_bundle
 from monai.bundle import ConfigParser
+from scripts.apply_ddf import apply_ddf
 from scripts.integrate import warp
 from scripts.synthetic import SyntheticSpec, generate_subjects
 
@@ -129,3 +132,53 @@ def test_inverse_field_lands_on_the_moving_files_grid_and_undoes_the_forward_fie
         float(residual[..., 8:-8, 8:-8].abs().mean()),
         float(np.abs(ddf).mean()),
     )
+
+
+def test_apply_ddf_reproduces_the_warped_label_and_carries_the_fixed_label_onto_the_moving_grid(
+    pair_and_checkpoint, tmp_path
+):
+    """``scripts/apply_ddf.py`` warps a file on its own grid with a field the bundle wrote: the moving label stored
+    with a larger field of view, warped by ``ddf.nii.gz``, is the run's ``warped_label``; the fixed label warped by
+    ``inverse_ddf.nii.gz`` lands on the moving file's grid and, warped back, on the fixed label. Bad input is named."""
+    folder, files = pair_and_checkpoint
+    padded_label = tmp_path / "moving_padded_label.nii.gz"
+    moving_label = nib.load(files["moving_label"])
+    padded = np.pad(np.asarray(moving_label.dataobj)[:, :, 0], ((4, 4), (0, 0)))[:, :, None]
+    nib.save(nib.Nifti1Image(padded, nib.load(files["moving_padded"]).affine), str(padded_label))
+    out = tmp_path / "run"
+    overrides = {
+        "fixed_image": files["fixed_image"],
+        "moving_image": files["moving_padded"],
+        "moving_label": str(padded_label),
+        "ckpt_path": folder / "model.pt",
+        "output_dir": out,
+        "refine_iterations": 0,
+        "write_inverse_ddf": True,
+    }
+    check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
+    warped = apply_ddf(str(out / "ddf.nii.gz"), str(padded_label), str(tmp_path / "warped.nii.gz"), label=True)
+    expected = np.asarray(nib.load(str(out / "warped_label.nii.gz")).dataobj)
+    assert warped.shape == expected.shape == (64, 64, 1) and len(np.unique(expected)) > 3
+    assert (warped == expected).mean() > 0.995, (warped != expected).sum()
+    np.testing.assert_allclose(nib.load(str(tmp_path / "warped.nii.gz")).affine, nib.load(files["fixed_image"]).affine)
+
+    fixed_label = np.asarray(nib.load(files["fixed_label"]).dataobj)
+    on_moving = tmp_path / "fixed_label_on_moving.nii.gz"
+    carried = apply_ddf(str(out / "inverse_ddf.nii.gz"), files["fixed_label"], str(on_moving), label=True)
+    assert carried.shape == (72, 64, 1) and carried.dtype == np.int16
+    np.testing.assert_allclose(nib.load(str(on_moving)).affine, nib.load(files["moving_padded"]).affine)
+    assert np.abs(carried[:4]).max() == 0 and np.abs(carried[-4:]).max() == 0  # outside the fixed field of view
+    back = apply_ddf(str(out / "ddf.nii.gz"), str(on_moving), label=True)
+    inside = (slice(4, -4), slice(4, -4))
+    assert (back[inside] == fixed_label[inside]).mean() > 0.97
+
+    script = BUNDLE / "scripts" / "apply_ddf.py"
+    missing, never = tmp_path / "nope.nii.gz", tmp_path / "never.nii.gz"
+    command = [sys.executable, str(script), str(out / "ddf.nii.gz"), str(missing), str(never)]
+    failed = subprocess.run(command, capture_output=True, text=True)
+    assert failed.returncode == 1 and not never.exists()
+    assert (
+        failed.stderr.strip().splitlines()[-1] == f"ERROR: FileNotFoundError: {missing} (image to warp): file not found"
+    )
+    with pytest.raises(ValueError, match="vector field"):
+        apply_ddf(files["fixed_image"], files["fixed_label"])
