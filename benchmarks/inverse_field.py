@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """How good the inverse field is on real anatomy: one registration scored in both directions.
 
-    python benchmarks/inverse_field.py [--data ../shared/data/oasis3d] [--threads 2] [--extra "--refine_iterations 0"]
+    python benchmarks/inverse_field.py [--data ../shared/data/oasis3d|oasis2d] [--threads 2]
+        [--extra "--refine_iterations 0"]
 
 For each direction of the OASIS pair (moving ``subject_b`` -> fixed ``subject_a``, and the reverse) it runs the
 README's inference command as a user would, with ``--write_inverse_ddf true``, and scores, with ``scripts.metrics``
-(the benchmark's scoring; the 30 structures of ``eval_labels.json``):
+(the benchmark's scoring; the 30 structures of ``eval_labels.json``, the 3D folder's for the 2D slices):
 
 - forward: the fixed label against the moving label warped by ``ddf.nii.gz`` (the run's ``warped_label``);
 - inverse: the moving label against the fixed label carried onto the moving grid by ``inverse_ddf.nii.gz``
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
 from scripts.apply_ddf import apply_ddf  # noqa: E402
-from scripts.metrics import deformation_stats, dice_per_label, resolve_label_ids  # noqa: E402
+from scripts.metrics import deformation_stats, dice_per_label, labels_to_score, resolve_label_ids  # noqa: E402
 
 
 def register(data: Path, fixed: str, moving: str, out: Path, threads: int, extra: list[str]) -> dict:
@@ -59,11 +60,14 @@ def labels(path: Path) -> np.ndarray:
 
 
 def field(path: Path) -> np.ndarray:
-    """A written field ``(X, Y, Z, 1, d)`` as ``(d, X, Y, Z)``, the layout ``deformation_stats`` takes."""
-    return np.moveaxis(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)[..., 0, :], -1, 0)
+    """A written field ``(X, Y, Z, 1, d)`` as ``(d, X, Y, Z)`` (2D: ``(2, X, Y)``), the layout ``deformation_stats``
+    takes."""
+    vectors = np.moveaxis(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)[..., 0, :], -1, 0)
+    return vectors[..., 0] if vectors.shape[0] == 2 else vectors
 
 
 def mean_dice(reference: np.ndarray, warped: np.ndarray, label_ids) -> float:
+    """Mean Dice over ``label_ids``, as the benchmark scores: ``label_ids`` are those present in both subjects."""
     return float(np.mean(list(dice_per_label(reference, warped, label_ids).values())))
 
 
@@ -74,17 +78,20 @@ def main() -> None:
     parser.add_argument("--extra", default="", help='more inference flags, e.g. "--refine_iterations 0"')
     args = parser.parse_args()
     data = Path(args.data)
-    label_ids = resolve_label_ids(str(data / "eval_labels.json"))
+    own = data / "eval_labels.json"  # a folder without one (the 2D slices) scores the 3D folder's 30 structures
+    label_ids = resolve_label_ids(str(own if own.is_file() else data.parent / "oasis3d" / "eval_labels.json"))
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         for moving, fixed in (("subject_b", "subject_a"), ("subject_a", "subject_b")):
             out = Path(work) / f"{moving}_to_{fixed}"
             metrics = register(data, fixed, moving, out, args.threads, shlex.split(args.extra))
             fixed_label, moving_label = labels(data / f"{fixed}_label.nii.gz"), labels(data / f"{moving}_label.nii.gz")
+            present = labels_to_score(fixed_label, moving_label, label_ids)  # the 2D slices hold 21 of the 30
             carried = apply_ddf(str(out / "inverse_ddf.nii.gz"), str(data / f"{fixed}_label.nii.gz"), label=True)
+            carried = carried.reshape(moving_label.shape)
             rows[(moving, fixed)] = {
-                "forward": mean_dice(fixed_label, labels(out / "warped_label.nii.gz"), label_ids),
-                "inverse": mean_dice(moving_label, carried.astype(np.int32), label_ids),
+                "forward": mean_dice(fixed_label, labels(out / "warped_label.nii.gz"), present),
+                "inverse": mean_dice(moving_label, carried.astype(np.int32), present),
                 "folded": 100 * deformation_stats(field(out / "ddf.nii.gz"))["folding_fraction"],
                 "folded_inverse": 100 * deformation_stats(field(out / "inverse_ddf.nii.gz"))["folding_fraction"],
                 "consistency": metrics["inverse_consistency"],
