@@ -63,13 +63,24 @@ sys.path.insert(0, str(REPO / "bundle"))
 from scripts.files import atomic_write_text  # noqa: E402
 from scripts.metrics import deformation_stats, dice_per_label, labels_to_score, resolve_label_ids  # noqa: E402
 
-METHODS = ("identity", "bundle-network", "bundle-fast", "bundle-refined", "bundle-accurate", "ants-syn", "greedy")
+CASES = ("aligned", "misaligned")
+METHODS = (
+    "identity",
+    "bundle-network",
+    "bundle-fast",
+    "bundle-refined",
+    "bundle-accurate",
+    "bundle-noaffine",
+    "ants-syn",
+    "greedy",
+)
 # bundle method -> inference overrides: the network alone, then the refinement presets of inference.yaml
 BUNDLE_VARIANTS = {
     "bundle-network": ["--refine_iterations", "0"],
     "bundle-fast": ["--refine_preset", "fast"],
     "bundle-refined": [],
     "bundle-accurate": ["--refine_preset", "accurate"],
+    "bundle-noaffine": ["--affine", "false"],  # the default without its affine stage (pre-aligned inputs)
 }
 CLASSICAL_PACKAGES = {"ants-syn": ("ants", "antspyx"), "greedy": ("picsl_greedy", "picsl-greedy")}
 INSTALL_HINT = "pip install --no-deps -r requirements-benchmark.txt"
@@ -324,6 +335,7 @@ class Context:
     bundle_ckpt: str | None = None
     bundle_timeout: int = 7200
     greedy_warp_precision: float | None = None
+    greedy_affine: bool = False
 
 
 def write_2d_slice(path: str, out: str) -> str:
@@ -484,6 +496,8 @@ def run_greedy(pair: Pair, ctx: Context) -> MethodOutput:
         if any(c.isspace() for c in path):
             raise ValueError(f"Greedy's command line is split on whitespace; rename or link: {path}")
     warp = str(ctx.work / "greedy_warp.nii.gz")
+    affine = str(ctx.work / "greedy_affine.mat")
+    total = str(ctx.work / "greedy_total_warp.nii.gz")
     warped_image = str(ctx.work / "greedy_warped_image.nii.gz")
     warped_label = str(ctx.work / "greedy_warped_label.nii.gz")
     common = f"-d {dims} -threads {ctx.threads} -V 0"
@@ -496,10 +510,24 @@ def run_greedy(pair: Pair, ctx: Context) -> MethodOutput:
             f"-ri LABEL 0.2vox -rm {moving_label} {warped_label} -r {warp}"
         )
         greedy = getattr(picsl_greedy, f"Greedy{dims}D")()
-        greedy.execute(register)
-        greedy.execute(reslice)
-    ddf = load_itk_displacement(warp, ctx.fixed_affine, ctx.fixed_shape)
-    extra = {"commands": [f"greedy {register}", f"greedy {reslice}"]}
+        commands = []
+        if ctx.greedy_affine:  # Greedy's own affine stage first (image centres, 12 dof), as its users run it
+            metric = GREEDY_SETTINGS[dims].split(" -n ")[0]
+            commands.append(
+                f"{common} -a -dof 12 -ia-image-centers -i {fixed} {moving} -o {affine} {metric} -n 100x50x10"
+            )
+            register += f" -it {affine}"
+            reslice += f" {affine}"
+        commands += [register, reslice]
+        for command in commands:
+            greedy.execute(command)
+        field_file = warp
+        if ctx.greedy_affine:  # the whole transform (warp, then affine) as one field on the fixed grid, by Greedy
+            compose = f"{common} -rf {fixed} -rc {total} -r {warp} {affine}"
+            greedy.execute(compose)
+            field_file = total
+    ddf = load_itk_displacement(field_file, ctx.fixed_affine, ctx.fixed_shape)
+    extra = {"commands": [f"greedy {c}" for c in commands]}
     return MethodOutput(_load_warped_label(warped_label, ctx.fixed_shape), ddf, clock.wall_s, clock.cpu_s, extra)
 
 
@@ -568,6 +596,21 @@ def build_pairs(args: argparse.Namespace) -> list[Pair]:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"pair {pair.name}: file not found: {path}")
     return selected
+
+
+def misaligned_pairs(pairs: list[Pair], folder: Path, seeds: Sequence[int]) -> list[Pair]:
+    """Each pair once per seed with its moving subject (image and label) moved by a seeded world affine and written
+    on another grid (``misaligned_cases.make_case``; the files are kept in ``folder``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from misaligned_cases import make_case
+
+    moved = []
+    for pair in pairs:
+        for seed in seeds:
+            name = f"{pair.name}_moved{seed}"
+            case = make_case(pair.moving, pair.moving_label, str(folder / pair.name), seed, name=name)
+            moved.append(Pair(name, pair.fixed, case.image, pair.fixed_label, case.label))
+    return moved
 
 
 def run_method(method: str, pair: Pair, ctx: Context, fixed_label: np.ndarray, label_ids: list[int]) -> dict:
@@ -704,6 +747,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Greedy -wp: saved warp precision in voxels (Greedy's default 0.1; 0 = no rounding)",
     )
     parser.add_argument("--keep_work", action="store_true", help="keep warps and warped images in OUTPUT_DIR/work")
+    parser.add_argument(
+        "--case",
+        choices=CASES,
+        default="aligned",
+        help="aligned: the pairs as given; misaligned: each moving subject moved by a seeded world affine and written "
+        "on another grid (benchmarks/misaligned_cases.py; Greedy then runs its affine stage first)",
+    )
+    parser.add_argument("--case_seeds", default="0,1,2", help="seeds of the misaligned cases (one pair each)")
     args = parser.parse_args(argv)
     if args.reverse:
         args.directions = "both"
@@ -736,10 +787,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             methods.append(method)
     pairs = build_pairs(args)
+    output_dir = Path(args.output_dir).resolve()
+    if args.case == "misaligned":
+        pairs = misaligned_pairs(pairs, output_dir / "cases", [int(v) for v in args.case_seeds.split(",") if v.strip()])
     eval_labels = args.eval_labels or (None if args.datalist else default_eval_labels(args.data))
     label_filter = resolve_label_ids(eval_labels)
 
-    output_dir = Path(args.output_dir).resolve()
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / "results.json"
@@ -755,7 +808,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "load_average_at_start": list(os.getloadavg()),
         "host": platform.node(),
         "eval_labels": eval_labels,
-        "greedy_settings": GREEDY_SETTINGS[3],
+        "case": args.case,
+        "greedy_settings": GREEDY_SETTINGS[3]
+        + (" after its affine stage (-a -dof 12)" if args.case == "misaligned" else ""),
         "greedy_settings_2d": f"{GREEDY_SETTINGS[2]} (Greedy2D, -d 2)",
         "greedy_warp_precision": "Greedy default (-wp 0.1 voxel)"
         if args.greedy_warp_precision is None
@@ -812,6 +867,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     bundle_ckpt=args.bundle_ckpt,
                     bundle_timeout=args.bundle_timeout,
                     greedy_warp_precision=args.greedy_warp_precision,
+                    greedy_affine=args.case == "misaligned",
                 )
                 pair_result["methods"][method] = run_method(method, pair, ctx, fixed_label, label_ids)
                 atomic_write_text(str(results_path), json.dumps(results, indent=1))  # partial results survive

@@ -66,6 +66,7 @@ def _infer(folder, files, fixed_key, out):
         "ckpt_path": folder / "model.pt",
         "output_dir": out,
         "refine_iterations": 0,  # the network's own field: this test is about geometry, not optimisation
+        "affine": False,  # the pre-aligned path's geometry (tests/test_affine.py: the affine stage's)
     }
     check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
     return {name: nib.load(str(out / f"{name}.nii.gz")) for name in ("warped_image", "warped_label", "ddf")}
@@ -107,6 +108,7 @@ def test_inverse_field_lands_on_the_moving_files_grid_and_undoes_the_forward_fie
             "output_dir": out,
             "refine_iterations": 0,
             "write_inverse_ddf": "true",  # as the command line passes it
+            "affine": "false",  # the pre-aligned path's geometry (tests/test_affine.py: the affine stage's)
         }
         check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
         written[moving_key] = (nib.load(str(out / "inverse_ddf.nii.gz")), nib.load(str(out / "ddf.nii.gz")))
@@ -154,6 +156,7 @@ def test_apply_ddf_reproduces_the_warped_label_and_carries_the_fixed_label_onto_
         "output_dir": out,
         "refine_iterations": 0,
         "write_inverse_ddf": True,
+        "affine": False,  # the pre-aligned path (tests/test_affine.py applies the affine stage's fields)
     }
     check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
     warped = apply_ddf(str(out / "ddf.nii.gz"), str(padded_label), str(tmp_path / "warped.nii.gz"), label=True)

@@ -17,9 +17,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from monai.losses import GlobalMutualInformationLoss
 from torch import nn
 
-__all__ = ["BoxLNCCLoss", "FastBendingEnergyLoss", "box_sum"]
+__all__ = ["BoxLNCCLoss", "FastBendingEnergyLoss", "FixedImageMutualInformation", "box_sum"]
 
 
 def _box_sum(volumes: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -187,3 +188,27 @@ class FastBendingEnergyLoss(nn.Module):
         if min(field.shape[2:]) <= 2:
             raise ValueError(f"every spatial axis must be longer than 2, got {tuple(field.shape[2:])}")
         return _BendingEnergy.apply(field)
+
+
+class FixedImageMutualInformation(GlobalMutualInformationLoss):
+    """MONAI's ``GlobalMutualInformationLoss`` (Gaussian Parzen windows) for a fixed image that stays the same over
+    many calls (the affine stage's iterations): its Parzen weights ``w_b`` and marginal ``p_b`` are computed once by
+    ``set_target`` instead of at every call, half of the loss's cost. ``forward(pred)`` returns
+    ``-Σ p_ab log(p_ab / (p_a p_b))`` exactly as MONAI's ``forward(pred, target)`` does (a test checks it)."""
+
+    def set_target(self, target: torch.Tensor) -> None:
+        """``target`` ``(B, ...)`` in [0, 1]: the values ``forward``'s ``pred`` is compared with."""
+        self._target_shape = tuple(target.shape)
+        self._target_weight, self._target_probability = self.parzen_windowing_gaussian(target.detach())
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        if target is not None:
+            self.set_target(target)
+        if tuple(pred.shape) != self._target_shape:
+            raise ValueError(f"pred has shape {tuple(pred.shape)}, the target {self._target_shape}")
+        wa, pa = self.parzen_windowing_gaussian(pred)
+        wb, pb = self._target_weight.to(wa), self._target_probability.to(pa)
+        pab = torch.bmm(wa.permute(0, 2, 1), wb).div(wa.shape[1])
+        papb = torch.bmm(pa.permute(0, 2, 1), pb)
+        mi = torch.sum(pab * torch.log((pab + self.smooth_nr) / (papb + self.smooth_dr) + self.smooth_dr), dim=(1, 2))
+        return torch.mean(mi).neg()

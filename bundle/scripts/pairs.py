@@ -82,6 +82,9 @@ class PairDataset(Randomizable, Dataset):
         pairs: ``(fixed, moving)`` subject indices for ``explicit`` mode.
         transform: applied to each pair dictionary (e.g. random augmentation in training).
         seed: seed of the pair sampler.
+        resample_moving: put a moving subject of another shape on the fixed grid in world coordinates (identity);
+            False keeps it on its own grid, for an affine stage that resamples it through its estimate
+            (``scripts.affine``; batches of one pair).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class PairDataset(Randomizable, Dataset):
         pairs: Sequence[tuple[int, int]] | None = None,
         transform: Callable | None = None,
         seed: int = 0,
+        resample_moving: bool = True,
     ) -> None:
         if mode not in PAIR_MODES:
             raise ValueError(f"unknown pair_mode '{mode}'; expected one of {PAIR_MODES}")
@@ -121,6 +125,7 @@ class PairDataset(Randomizable, Dataset):
         self.num_pairs = int(num_pairs) if num_pairs else n
         self.transform = transform
         self.resample = ResampleToMatch()
+        self.resample_moving = bool(resample_moving)
         if mode == "ring":
             self.pairs = [((i + 1) % n, i) for i in range(n)]
         elif mode == "atlas":
@@ -175,7 +180,7 @@ class PairDataset(Randomizable, Dataset):
             if self.labelled:
                 pair[f"{role}_label_present"] = "label" in subject
             pair[f"{role}_name"] = _subject_name(subject)
-        if pair["fixed_image"].shape != pair["moving_image"].shape:
+        if self.resample_moving and pair["fixed_image"].shape != pair["moving_image"].shape:
             # Different field of view or spacing: resample the moving subject onto the fixed grid in world
             # coordinates (the images are assumed affinely aligned, as registration inputs are).
             pair["moving_image"] = self.resample(pair["moving_image"], pair["fixed_image"], mode="bilinear")

@@ -24,6 +24,7 @@ from monai.networks.blocks import Warp
 from monai.utils import CommonKeys
 from torch import nn
 
+from .affine import AffineStage
 from .integrate import compose_ddfs, grid_sample, sampling_grid
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
@@ -238,6 +239,9 @@ class RegistrationEvalStep:
             ``φ⁻¹ = exp(-v_n) ∘ ... ∘ exp(-v_1)``, exact up to the integration's interpolation; each record gets
             ``inverse_consistency``, how far ``φ ∘ φ⁻¹`` is from the identity (input voxels). Needs a network with a
             velocity grid that integrates a velocity (``integration_steps > 0``).
+        affine: optional affine stage (``scripts.affine.AffineRegistration``) that aligns the moving image, given
+            on its own grid (``PairDataset(resample_moving=False)``), before the network; ``ddf`` stays the
+            network's (fixed grid), ``affine_matrix`` holds ``T`` and the writer composes the two. One pair a batch.
     """
 
     def __init__(
@@ -247,6 +251,7 @@ class RegistrationEvalStep:
         refiner=None,
         network_passes: int = 1,
         inverse: bool = False,
+        affine=None,
     ) -> None:
         if int(network_passes) < 1:
             raise ValueError(f"network_passes must be a positive integer, got {network_passes}")
@@ -255,6 +260,7 @@ class RegistrationEvalStep:
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
         self.refiner = refiner if refiner is not None and refiner.enabled else None
+        self.affine = affine if affine is not None and affine.enabled else None
         # scripts.integrate's sampling: MONAI's Warp convention (a test checks they agree), on every CPU thread; the
         # image and the label share one sampling grid (id + ddf)
         self.warp_image = functools.partial(grid_sample, mode="bilinear", padding_mode="border")
@@ -267,12 +273,22 @@ class RegistrationEvalStep:
         moving = _plain(batch["moving_image"]).to(device)
         engine.network.eval()
         refinements: list[dict] = []
+        start = time.perf_counter()
+        stage = None
+        if self.affine is not None:
+            # the affine stage: T estimated on the images' own grids, the moving image resampled through it onto the
+            # fixed grid for the network; the outputs below sample the moving file's grid once for T and φ together
+            stage = AffineStage(self.affine, batch, fixed, moving)
+        network_moving = moving if stage is None else stage.aligned
         with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
-            start = time.perf_counter()
-            fields = self.register(engine.network, moving, fixed, refinements)
+            fields = self.register(engine.network, network_moving, fixed, refinements)
             ddf, network_seconds = fields.ddf, fields.network_seconds
-            sampling = sampling_grid(ddf)
-            warped = self.warp_image(moving, sampling)
+            if stage is None:
+                sampling = sampling_grid(ddf)
+                warped = self.warp_image(moving, sampling)
+            else:
+                sampling = stage.sampling_grid(ddf)
+                warped = grid_sample(moving, sampling, mode="bilinear", padding_mode="zeros")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = (time.perf_counter() - start) / fixed.shape[0]
@@ -280,18 +296,34 @@ class RegistrationEvalStep:
             warped_label = None
             if "moving_label" in batch:
                 warped_label = self.warp_label(_plain(batch["moving_label"]).to(device).float(), sampling)
-        output = {"fixed_image": fixed, "moving_image": moving, "warped_image": warped, "ddf": ddf}
+        shown_moving = moving if stage is None else stage.unregistered(moving, "bilinear")
+        output = {"fixed_image": fixed, "moving_image": shown_moving, "warped_image": warped, "ddf": ddf}
+        if stage is not None:
+            output["affine_matrix"] = [stage.matrix]
         consistency: list[dict] = []
         if self.inverse:
             with torch.no_grad():
-                output["inverse_ddf"], consistency = self.inverse_ddf(engine.network, fields, moving.shape[2:])
+                output["inverse_ddf"], consistency = self.inverse_ddf(engine.network, fields, fixed.shape[2:])
         if warped_label is not None and any(label_present(batch, "moving", i) for i in range(fixed.shape[0])):
             output["warped_label"] = warped_label
-            output["moving_label"] = batch["moving_label"]
+            moving_label = batch["moving_label"]
+            if stage is not None:  # the no-registration baseline: the moving label where the headers put it
+                output["affine_label"] = stage.aligned_label(_plain(moving_label).to(device).float())
+                moving_label = stage.unregistered(_plain(moving_label).to(device).float(), "nearest")
+            output["moving_label"] = moving_label
         if "fixed_label" in batch:
             output["fixed_label"] = batch["fixed_label"]
         output["records"] = [self._score(batch, output, i, seconds) for i in range(fixed.shape[0])]
         for i, record in enumerate(output["records"]):
+            if stage is not None:
+                record["affine"] = stage.report
+                record["seconds_affine"] = stage.report["seconds"]
+                if "affine_label" in output and "registered_dice" in record:
+                    ids = [int(k) for k in record["registered_dice"]]
+                    fixed_label = output["fixed_label"][i, 0].cpu().numpy().round().astype(np.int32)
+                    affine_label = output["affine_label"][i, 0].cpu().numpy().round().astype(np.int32)
+                    dice = dice_per_label(fixed_label, affine_label, ids)
+                    record["affine_mean_dice"] = float(np.mean(list(dice.values()))) if dice else float("nan")
             record["seconds_network"] = network_seconds
             record["network_passes"] = self.network_passes
             if refinements:

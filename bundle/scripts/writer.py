@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .affine import write_itk_affine
 from .fixed_grid import FixedFileGrid
 from .files import atomic_output, atomic_write_json, logger
 from .pairs import label_present
@@ -29,6 +30,7 @@ OUTPUT_FILES = (
     "warped_label.nii.gz",
     "ddf.nii.gz",
     "inverse_ddf.nii.gz",
+    "affine.txt",
     "overview.png",
     "metrics.json",
 )
@@ -82,10 +84,13 @@ class RegistrationWriter:
     fixed file's own grid and with its own affine (resampled from the network's grid only where they differ):
 
     ``warped_image.nii.gz`` (float32), ``warped_label.nii.gz`` (int16, nearest; when a moving label is given),
-    ``ddf.nii.gz`` (displacement in voxels of the fixed file's grid, NIfTI vector layout ``(X, Y, Z, 1, dims)``,
+    ``ddf.nii.gz`` (the whole transform, the affine stage's included: displacement in voxels of the fixed file's
+    grid, NIfTI vector layout ``(X, Y, Z, 1, dims)``,
     component ``i`` along array axis ``i``: MONAI's ``Warp`` convention, ``warped(x) = moving(x + u(x))``),
     ``inverse_ddf.nii.gz`` (when the step computed ``φ⁻¹``: on the **moving** file's grid with its affine, in its
-    voxels, ``fixed_in_moving_space(y) = fixed(y + u⁻¹(y))``), ``overview.png`` (network grid) and ``metrics.json``,
+    voxels, ``fixed_in_moving_space(y) = fixed(y + u⁻¹(y))``; the whole transform's inverse), ``affine.txt`` (with
+    the affine stage: its ``T`` alone as an ITK transform file, ``scripts.affine.itk_affine_text``),
+    ``overview.png`` (network grid) and ``metrics.json``,
     whose ``seconds_load_to_write`` is the registration time a user waits for: from the engine's start (after the
     checkpoint is loaded) through reading the images, registering and writing the NIfTI outputs (Python start-up and
     config parsing are not counted).
@@ -152,10 +157,22 @@ class RegistrationWriter:
         was put on it voxel for voxel (same shape) or resampled onto it in world coordinates, and its affine there
         says which (``PairDataset``), so that affine maps network voxels to the world of the moving file."""
         moving = batch["moving_image"]
-        affine = moving.affine[i] if moving.affine.ndim == 3 else moving.affine
-        grid = FixedFileGrid(
-            moving.meta["filename_or_obj"][i], torch.as_tensor(affine).cpu().numpy(), tuple(moving.shape[2:])
-        )
+        if "affine_matrix" in output:
+            # the inverse was computed on the fixed grid (where the affine stage put the moving image): the moving
+            # file's voxels sit at T⁻¹ of their world points there
+            fixed = batch["fixed_image"]
+            affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
+            grid = FixedFileGrid(
+                moving.meta["filename_or_obj"][i],
+                torch.as_tensor(affine).cpu().numpy(),
+                tuple(fixed.shape[2:]),
+                file_to_network_world=np.linalg.inv(output["affine_matrix"][i]),
+            )
+        else:
+            affine = moving.affine[i] if moving.affine.ndim == 3 else moving.affine
+            grid = FixedFileGrid(
+                moving.meta["filename_or_obj"][i], torch.as_tensor(affine).cpu().numpy(), tuple(moving.shape[2:])
+            )
         inverse = output["inverse_ddf"][i].float().cpu().numpy()
         return save_nifti_atomic(
             grid.ddf(inverse),
@@ -174,8 +191,12 @@ class RegistrationWriter:
             folder = os.path.join(self._staging or self.output_dir, subfolder)
             final_folder = os.path.join(self.output_dir, subfolder)
             affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
+            matrix = output["affine_matrix"][i] if "affine_matrix" in output else None
             grid = FixedFileGrid(
-                fixed.meta["filename_or_obj"][i], torch.as_tensor(affine).cpu().numpy(), tuple(fixed.shape[2:])
+                fixed.meta["filename_or_obj"][i],
+                torch.as_tensor(affine).cpu().numpy(),
+                tuple(fixed.shape[2:]),
+                endpoint_world=matrix,  # ddf.nii.gz: the whole transform, the affine stage's T after φ
             )
             warped = output["warped_image"][i, 0].float().cpu().numpy()
             ddf = output["ddf"][i].float().cpu().numpy()
@@ -199,6 +220,8 @@ class RegistrationWriter:
                 ]
                 if "inverse_ddf" in output:
                     jobs.append(pool.submit(self._save_inverse, engine.state.batch, output, i, folder))
+                if matrix is not None:
+                    jobs.append(pool.submit(write_itk_affine, os.path.join(folder, "affine.txt"), matrix))
                 if "warped_label" in output and label_present(engine.state.batch, "moving", i):
                     label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
                     jobs.append(
