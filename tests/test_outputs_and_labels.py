@@ -186,13 +186,14 @@ def test_a_rerun_into_the_same_output_folder_leaves_no_file_of_the_earlier_run(t
     other = _save(tmp_path / "other.nii.gz", _image(3))
     output = check_ok(_infer(tmp_path, checkpoint_dir, out, fixed_image=fixed, moving_image=other))
     assert sorted(p.name for p in out.iterdir()) == [
+        "affine.txt",  # the affine stage's T (default on)
         "ddf.nii.gz",
         "metrics.json",
         "overview.png",
         "warped_image.nii.gz",
     ]
     assert json.loads((out / "metrics.json").read_text())["moving"] == "other"
-    assert "replaced the 5 files of an earlier run" in output
+    assert "replaced the 6 files of an earlier run" in output  # with affine.txt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "staging folders left behind"
 
 
