@@ -121,7 +121,9 @@ def test_synthmorph_overlay_trains_on_synthetic_pairs_and_validates_on_fixed_lab
     (report_file,) = (tmp_path / "out" / "runs").glob("*/validation/metrics.json")
     summary = json.loads(report_file.read_text())["summary"]
     assert summary["pairs"] == 8 and summary["scored_pairs"] == 8  # the fixed, labelled synthetic validation pairs
-    assert summary["registered_mean_dice"] != summary["identity_mean_dice"], output[-3000:]  # the field moved
+    # the field moved: measured on the field itself. (Dice after 10 short epochs at 32 x 32 can be exactly the
+    # identity's, a sub-voxel field leaving every nearest-neighbour label in place: std log|J| 0.012 on this machine.)
+    assert summary["registered_std_log_jacobian"] > 1e-3, output[-3000:]
     assert summary["registered_mean_dice"] > summary["identity_mean_dice"] - 0.01  # and did not make things worse
     assert summary["registered_folding_fraction"] < 0.01
     assert (tmp_path / "out" / "models" / "model.pt").is_file()
