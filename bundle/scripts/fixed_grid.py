@@ -83,13 +83,8 @@ class FixedFileGrid:
         component-wise, and come back as ``A_file⁻¹ · d`` in the file's voxel axes.
         """
         moved = not (np.allclose(self.base, np.eye(4)) and np.allclose(self.endpoint, np.eye(4)))
-        if moved:
+        if moved or not self.identical:
             ddf = self._moved_ddf(ddf)
-        elif not self.identical:
-            linear = self.network_affine[: self.dims, : self.dims]
-            world = np.einsum("ij,j...->i...", linear, ddf)
-            world = self._to_file(world, mode="bilinear")
-            ddf = np.einsum("ij,j...->i...", np.linalg.inv(self.file_affine[: self.dims, : self.dims]), world)
         ddf = ddf.reshape((self.dims,) + self.file_shape)
         return np.moveaxis(ddf, 0, -1)[..., None, :].astype(np.float32)
 
@@ -99,7 +94,8 @@ class FixedFileGrid:
         transform: ``(dims, *network)`` network voxels -> ``(dims, X, Y, Z)`` file voxels.
 
         Written as ``(Q - I) · k + R · d(k)`` with ``Q = A_file⁻¹ E B A_file`` and ``R = (A_file⁻¹ E)``'s linear
-        part: the index term broadcasts per axis, no coordinate volume is built."""
+        part: the index term broadcasts per axis, no coordinate volume is built. Without an affine stage
+        (``B = E = I``) it is ``A_file⁻¹ · d``: the vector taken through world space onto the file's axes."""
         linear = self.network_affine[: self.dims, : self.dims]
         world = self._to_file(np.einsum("ij,j...->i...", linear, ddf), mode="bilinear").astype(np.float32)
         to_file = np.linalg.inv(self.file_affine) @ self.endpoint
