@@ -254,3 +254,26 @@ def test_onednn_conv3d_gives_the_plain_convolution_and_its_gradients_and_is_used
     pair = torch.randn(1, 2, 32, 32, 48)
     with torch.no_grad():
         torch.testing.assert_close(net.backbone(pair), reference(pair), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_label_wise_linear_warp_is_the_argmax_of_each_labels_interpolated_mask(dims):
+    """``warp_label_linear`` (the inference's warped_label) equals interpolating every label's mask with
+    ``grid_sample`` and keeping the largest, without building the masks; it differs from nearest neighbour."""
+    from scripts.integrate import identity_grid, warp_label_linear
+
+    generator = torch.Generator().manual_seed(dims)
+    shape_in, shape_out = [12, 10, 9][:dims], [20, 17, 15][:dims]
+    label = torch.randint(0, 5, (1, 1, *shape_in), generator=generator).float()
+    grid = identity_grid(shape_out) * 1.1 + 0.03 * torch.randn(1, *shape_out, dims, generator=generator)
+    ours = warp_label_linear(label, grid)[0, 0]
+    masks = [
+        torch.nn.functional.grid_sample((label == i).float(), grid, mode="bilinear", align_corners=True)[0, 0]
+        for i in range(5)
+    ]
+    expected = torch.stack(masks).argmax(0).float()
+    inside = (grid.abs() <= 1).all(-1)[0]
+    assert inside.float().mean() > 0.5
+    assert torch.equal(ours[inside], expected[inside])
+    nearest = torch.nn.functional.grid_sample(label, grid, mode="nearest", align_corners=True)[0, 0]
+    assert (nearest[inside] != ours[inside]).any()

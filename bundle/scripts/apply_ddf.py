@@ -9,7 +9,9 @@ moving file's) with that grid's affine ``A``: the output voxel ``x`` takes the i
 ``A · (x + u(x))``, wherever the input's own grid puts it (``A_in⁻¹`` of that point; any orientation, spacing or field
 of view, as long as it is in the same world space as the registered images). So another contrast or a label map of
 the moving subject lands on the fixed grid as ``warped_image`` did, and with the inverse the fixed image's labels land
-on the moving grid. Linear interpolation (``--label``: nearest neighbour, integer output); zero outside the input.
+on the moving grid. Linear interpolation (``--label``: each label's mask interpolated linearly and the label of
+largest weight kept, as the inference's ``warped_label`` and ANTs' ``genericLabel``; integer output); zero outside
+the input.
 The output is on the field's grid with its affine, written atomically.
 """
 
@@ -22,10 +24,14 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+import torch
+
 try:  # imported as part of the bundle's scripts package
     from .files import atomic_output
+    from .integrate import label_at_points
 except ImportError:  # run as a standalone script: python bundle/scripts/<name>.py
     from files import atomic_output
+    from integrate import label_at_points
 
 __all__ = ["apply_ddf"]
 
@@ -41,7 +47,7 @@ def _load(path: str, what: str) -> nib.Nifti1Image:
 
 def apply_ddf(ddf_path: str, image_path: str, output_path: str | None = None, label: bool = False) -> np.ndarray:
     """The image at ``image_path`` warped by the field at ``ddf_path`` onto the field's grid ``(X, Y, Z)`` (and written
-    to ``output_path`` when given): linear, or nearest neighbour with integer values for ``label``."""
+    to ``output_path`` when given): linear, or for ``label`` the label-wise linear vote, integer values."""
     field_image = _load(ddf_path, "displacement field")
     field = np.asarray(field_image.dataobj, dtype=np.float64)
     if field.ndim != 5 or field.shape[3] != 1 or field.shape[4] not in (2, 3):
@@ -69,9 +75,10 @@ def apply_ddf(ddf_path: str, image_path: str, output_path: str | None = None, la
     # field voxels -> world (the field's affine) -> the input's voxels (its affine): one 4x4 matrix
     to_input = np.linalg.inv(source.affine) @ field_image.affine
     coordinates = np.einsum("ij,...j->i...", to_input[:3, :3], points) + to_input[:3, 3].reshape(3, 1, 1, 1)
-    if label:
-        warped = map_coordinates(values, coordinates, order=0, mode="constant", cval=0)
-        warped = np.round(warped).astype(np.int16 if values.max() < 2**15 else np.int32)
+    if label:  # the inference's warped_label: each label's mask interpolated, the label of largest weight kept
+        points = torch.as_tensor(coordinates.reshape(3, -1).T, dtype=torch.float32)
+        ids = label_at_points(torch.as_tensor(np.round(values).astype(np.int32)), points).numpy().reshape(grid)
+        warped = ids.astype(np.int16 if values.max() < 2**15 else np.int32)
     else:
         warped = map_coordinates(values.astype(np.float32), coordinates, order=1, mode="constant", cval=0.0)
     if output_path:
@@ -85,7 +92,7 @@ def main() -> int:
     parser.add_argument("ddf", help="ddf.nii.gz or inverse_ddf.nii.gz written by the bundle's inference")
     parser.add_argument("image", help="the image or label map to warp (any grid in the registered images' space)")
     parser.add_argument("output", help="where to write the warped image (.nii.gz), on the field's grid")
-    parser.add_argument("--label", action="store_true", help="nearest neighbour, integer label ids")
+    parser.add_argument("--label", action="store_true", help="integer label ids (label-wise linear interpolation)")
     args = parser.parse_args()
     try:
         apply_ddf(args.ddf, args.image, args.output, label=args.label)

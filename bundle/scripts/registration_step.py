@@ -25,7 +25,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from .affine import AffineStage
-from .integrate import compose_ddfs, grid_sample, sampling_grid
+from .integrate import compose_ddfs, grid_sample, sampling_grid, warp_label_linear
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
 
@@ -242,6 +242,9 @@ class RegistrationEvalStep:
         affine: optional affine stage (``scripts.affine.AffineRegistration``) that aligns the moving image, given
             on its own grid (``PairDataset(resample_moving=False)``), before the network; ``ddf`` stays the
             network's (fixed grid), ``affine_matrix`` holds ``T`` and the writer composes the two. One pair a batch.
+        label_interpolation: how the moving label is warped: ``nearest`` (the VoxelMorph papers' Dice), or
+            ``linear``: each label's mask interpolated, the label of largest weight kept
+            (``scripts.integrate.warp_label_linear``, as ANTs' ``genericLabel`` / Greedy's ``LABEL``).
     """
 
     def __init__(
@@ -252,6 +255,7 @@ class RegistrationEvalStep:
         network_passes: int = 1,
         inverse: bool = False,
         affine=None,
+        label_interpolation: str = "nearest",
     ) -> None:
         if int(network_passes) < 1:
             raise ValueError(f"network_passes must be a positive integer, got {network_passes}")
@@ -264,7 +268,13 @@ class RegistrationEvalStep:
         # scripts.integrate's sampling: MONAI's Warp convention (a test checks they agree), on every CPU thread; the
         # image and the label share one sampling grid (id + ddf)
         self.warp_image = functools.partial(grid_sample, mode="bilinear", padding_mode="border")
-        self.warp_label = functools.partial(grid_sample, mode="nearest", padding_mode="zeros")
+        if label_interpolation not in ("nearest", "linear"):
+            raise ValueError(f"label_interpolation must be 'nearest' or 'linear', got {label_interpolation!r}")
+        self.label_interpolation = label_interpolation
+        if label_interpolation == "linear":
+            self.warp_label = warp_label_linear
+        else:
+            self.warp_label = functools.partial(grid_sample, mode="nearest", padding_mode="zeros")
 
     def __call__(self, engine, batch: Mapping) -> dict:
         device = engine.state.device
