@@ -33,6 +33,7 @@ VARIANTS = {
     "default": [],
     "accurate": ["--refine_preset", "accurate"],
     "default-inverse": ["--write_inverse_ddf", "true"],  # default, plus inverse_ddf.nii.gz
+    "default-noaffine": ["--affine", "false"],  # default without the affine stage (pre-aligned inputs)
 }
 
 

@@ -97,11 +97,16 @@ class FixedFileGrid:
         part: the index term broadcasts per axis, no coordinate volume is built. Without an affine stage
         (``B = E = I``) it is ``A_file⁻¹ · d``: the vector taken through world space onto the file's axes."""
         linear = self.network_affine[: self.dims, : self.dims]
-        world = self._to_file(np.einsum("ij,j...->i...", linear, ddf), mode="bilinear").astype(np.float32)
         to_file = np.linalg.inv(self.file_affine) @ self.endpoint
         q = to_file @ self.sample_affine - np.eye(4)
-        r = to_file[: self.dims, : self.dims].astype(np.float32)
-        out = np.einsum("ij,j...->i...", r, world)
+        r = to_file[: self.dims, : self.dims]
+        flat = ddf.reshape(self.dims, -1).astype(np.float32, copy=False)
+        if self.identical:  # no resampling: both linear maps in one (BLAS) product
+            out = (r @ linear).astype(np.float32) @ flat
+        else:
+            world = self._to_file(linear.astype(np.float32) @ flat, mode="bilinear").astype(np.float32)
+            out = r.astype(np.float32) @ world.reshape(self.dims, -1)
+        out = out.reshape((self.dims,) + self.file_shape)
         axes = [np.arange(n, dtype=np.float32) for n in self.file_shape]
         for c in range(self.dims):
             out[c] += np.float32(q[c, 3])
