@@ -328,12 +328,6 @@ class RegistrationEvalStep:
             if stage is not None:
                 record["affine"] = stage.report
                 record["seconds_affine"] = stage.report["seconds"]
-                if "affine_label" in output and "registered_dice" in record:
-                    ids = [int(k) for k in record["registered_dice"]]
-                    fixed_label = output["fixed_label"][i, 0].cpu().numpy().round().astype(np.int32)
-                    affine_label = output["affine_label"][i, 0].cpu().numpy().round().astype(np.int32)
-                    dice = dice_per_label(fixed_label, affine_label, ids)
-                    record["affine_mean_dice"] = float(np.mean(list(dice.values()))) if dice else float("nan")
             record["seconds_network"] = network_seconds
             record["network_passes"] = self.network_passes
             if refinements:
@@ -490,6 +484,10 @@ class RegistrationEvalStep:
                 for k, v in hd95.items():
                     if not np.isfinite(v):
                         undefined[f"{name}_hd95.{k}"] = f"structure {k} is absent from the {name} moving label"
+        if "affine_label" in output:  # after the affine stage alone (Dice only: a diagnostic, not a result)
+            affine_label = output["affine_label"][i, 0].cpu().numpy().round().astype(np.int32)
+            dice = dice_per_label(fixed_label, affine_label, ids)
+            record["affine_mean_dice"] = float(np.mean(list(dice.values()))) if dice else float("nan")
         if undefined:
             record["undefined"] = undefined
         return record
