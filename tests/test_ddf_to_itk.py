@@ -66,6 +66,7 @@ def test_itk_displacement_field_reproduces_the_bundles_warp(tmp_path):
         "moving_label": files["moving_label"],
         "output_dir": tmp_path / "out",
         "refine_iterations": 0,  # the network's own (random, large) field: this test is about the ITK conversion
+        "label_interpolation": "nearest",  # compared with ITK moving each voxel to its nearest neighbour below
     }
     check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
     ddf = nib.load(str(tmp_path / "out" / "ddf.nii.gz")).get_fdata()
