@@ -63,7 +63,8 @@ sys.path.insert(0, str(REPO / "bundle"))
 from scripts.files import atomic_write_text  # noqa: E402
 from scripts.metrics import deformation_stats, dice_per_label, labels_to_score, resolve_label_ids  # noqa: E402
 
-CASES = ("aligned", "misaligned")
+CASES = ("aligned", "misaligned", "contrast", "both")
+CONTRAST_CASES = ("contrast", "both")  # the moving image in another contrast: Greedy and the bundle switch to it
 METHODS = (
     "identity",
     "bundle-network",
@@ -71,6 +72,7 @@ METHODS = (
     "bundle-refined",
     "bundle-accurate",
     "bundle-noaffine",
+    "bundle-multimodal",
     "ants-syn",
     "greedy",
 )
@@ -81,10 +83,12 @@ BUNDLE_VARIANTS = {
     "bundle-refined": [],
     "bundle-accurate": ["--refine_preset", "accurate"],
     "bundle-noaffine": ["--affine", "false"],  # the default without its affine stage (pre-aligned inputs)
+    "bundle-multimodal": ["--multimodal", "true"],  # the contrast-invariant path (MIND-SSC refinement)
 }
 CLASSICAL_PACKAGES = {"ants-syn": ("ants", "antspyx"), "greedy": ("picsl_greedy", "picsl-greedy")}
 INSTALL_HINT = "pip install --no-deps -r requirements-benchmark.txt"
 GREEDY_SETTINGS = {3: "-m NCC 2x2x2 -n 100x50x10", 2: "-m NCC 2x2 -n 100x50x10"}  # by spatial dims
+GREEDY_MULTIMODAL_SETTINGS = {3: "-m NMI -n 100x50x10", 2: "-m NMI -n 100x50x10"}  # two contrasts: Greedy's NMI
 # NIfTI intent codes: ITK writes its displacement fields as VECTOR with the raw LPS components; since ITK 5.3 a
 # DISPVECT field is stored in RAS (ITK flips x and y on read and write).
 NIFTI_INTENT_DISPVECT, NIFTI_INTENT_VECTOR = 1006, 1007
@@ -336,6 +340,7 @@ class Context:
     bundle_timeout: int = 7200
     greedy_warp_precision: float | None = None
     greedy_affine: bool = False
+    greedy_multimodal: bool = False
 
 
 def write_2d_slice(path: str, out: str) -> str:
@@ -509,10 +514,12 @@ def run_greedy(pair: Pair, ctx: Context) -> MethodOutput:
             f"{common} -rf {fixed} -rm {moving} {warped_image} "
             f"-ri LABEL 0.2vox -rm {moving_label} {warped_label} -r {warp}"
         )
+        settings = (GREEDY_MULTIMODAL_SETTINGS if ctx.greedy_multimodal else GREEDY_SETTINGS)[dims]
+        register = register.replace(GREEDY_SETTINGS[dims], settings)
         greedy = getattr(picsl_greedy, f"Greedy{dims}D")()
         commands = []
         if ctx.greedy_affine:  # Greedy's own affine stage first (image centres, 12 dof), as its users run it
-            metric = GREEDY_SETTINGS[dims].split(" -n ")[0]
+            metric = settings.split(" -n ")[0]
             commands.append(
                 f"{common} -a -dof 12 -ia-image-centers -i {fixed} {moving} -o {affine} {metric} -n 100x50x10"
             )
@@ -611,6 +618,31 @@ def misaligned_pairs(pairs: list[Pair], folder: Path, seeds: Sequence[int]) -> l
             case = make_case(pair.moving, pair.moving_label, str(folder / pair.name), seed, name=name)
             moved.append(Pair(name, pair.fixed, case.image, pair.fixed_label, case.label))
     return moved
+
+
+def contrast_pairs(
+    pairs: list[Pair], folder: Path, seeds: Sequence[int], kinds: Sequence[str], moved: bool
+) -> list[Pair]:
+    """Each pair once per contrast kind and seed with its moving image in another contrast
+    (``contrast_cases.make_contrast_case``: a non-monotonic remap, bias field and noise; same grid and label), and,
+    with ``moved``, then moved and written on another grid as ``misaligned_pairs`` does (same seed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from contrast_cases import make_contrast_case
+    from misaligned_cases import make_case
+
+    out = []
+    for pair in pairs:
+        for kind in kinds:
+            for seed in seeds:
+                name = f"{pair.name}_{kind}{seed}"
+                image = make_contrast_case(pair.moving, str(folder / pair.name), kind, seed, name=name)
+                label = pair.moving_label
+                if moved:
+                    name += "_moved"
+                    case = make_case(image, pair.moving_label, str(folder / pair.name), seed, name=name)
+                    image, label = case.image, case.label
+                out.append(Pair(name, pair.fixed, image, pair.fixed_label, label))
+    return out
 
 
 def run_method(method: str, pair: Pair, ctx: Context, fixed_label: np.ndarray, label_ids: list[int]) -> dict:
@@ -752,9 +784,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=CASES,
         default="aligned",
         help="aligned: the pairs as given; misaligned: each moving subject moved by a seeded world affine and written "
-        "on another grid (benchmarks/misaligned_cases.py; Greedy then runs its affine stage first)",
+        "on another grid (benchmarks/misaligned_cases.py; Greedy then runs its affine stage first); contrast: the "
+        "moving image remapped to another contrast (benchmarks/contrast_cases.py; Greedy with NMI); both: remapped "
+        "and moved",
     )
-    parser.add_argument("--case_seeds", default="0,1,2", help="seeds of the misaligned cases (one pair each)")
+    parser.add_argument("--case_seeds", default="0,1,2", help="seeds of the generated cases (one pair each)")
+    parser.add_argument(
+        "--contrasts",
+        default="pd,t2",
+        help="contrast and both cases: the moving image's contrast kinds (benchmarks/contrast_cases.py: pd, t2)",
+    )
     args = parser.parse_args(argv)
     if args.reverse:
         args.directions = "both"
@@ -788,8 +827,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             methods.append(method)
     pairs = build_pairs(args)
     output_dir = Path(args.output_dir).resolve()
+    seeds = [int(v) for v in args.case_seeds.split(",") if v.strip()]
     if args.case == "misaligned":
-        pairs = misaligned_pairs(pairs, output_dir / "cases", [int(v) for v in args.case_seeds.split(",") if v.strip()])
+        pairs = misaligned_pairs(pairs, output_dir / "cases", seeds)
+    elif args.case in CONTRAST_CASES:
+        kinds = [k.strip() for k in args.contrasts.split(",") if k.strip()]
+        pairs = contrast_pairs(pairs, output_dir / "cases", seeds, kinds, moved=args.case == "both")
     eval_labels = args.eval_labels or (None if args.datalist else default_eval_labels(args.data))
     label_filter = resolve_label_ids(eval_labels)
 
@@ -809,8 +852,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "host": platform.node(),
         "eval_labels": eval_labels,
         "case": args.case,
-        "greedy_settings": GREEDY_SETTINGS[3]
-        + (" after its affine stage (-a -dof 12)" if args.case == "misaligned" else ""),
+        "greedy_settings": (GREEDY_MULTIMODAL_SETTINGS if args.case in CONTRAST_CASES else GREEDY_SETTINGS)[3]
+        + (" after its affine stage (-a -dof 12)" if args.case != "aligned" else ""),
         "greedy_settings_2d": f"{GREEDY_SETTINGS[2]} (Greedy2D, -d 2)",
         "greedy_warp_precision": "Greedy default (-wp 0.1 voxel)"
         if args.greedy_warp_precision is None
@@ -867,7 +910,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     bundle_ckpt=args.bundle_ckpt,
                     bundle_timeout=args.bundle_timeout,
                     greedy_warp_precision=args.greedy_warp_precision,
-                    greedy_affine=args.case == "misaligned",
+                    greedy_affine=args.case != "aligned",
+                    greedy_multimodal=args.case in CONTRAST_CASES,
                 )
                 pair_result["methods"][method] = run_method(method, pair, ctx, fixed_label, label_ids)
                 atomic_write_text(str(results_path), json.dumps(results, indent=1))  # partial results survive

@@ -257,8 +257,29 @@ def test_network_passes_register_the_warped_moving_image_again_and_compose():
     torch.testing.assert_close(ddf, 2 * network.shift.expand_as(ddf))  # two translations compose to their sum
     single, _ = RegistrationEvalStep().network_ddf(_ConstantShift([1.0, -1.0, 0.5]), moving, fixed, [])
     torch.testing.assert_close(single, network.shift.expand_as(ddf))
-    with pytest.raises(ValueError, match="network_passes must be a positive integer"):
+    with pytest.raises(ValueError, match="network_passes must be >= 0"):
+        RegistrationEvalStep(network_passes=-1)
+    with pytest.raises(ValueError, match="needs a test-time refinement"):  # no network and nothing else: refused
         RegistrationEvalStep(network_passes=0)
+
+
+def test_no_network_pass_refines_from_the_identity():
+    """``network_passes 0`` (``--multimodal true``): the network is not run, the refinement starts at ``v = 0`` and
+    gives what the refiner gives for a zero field."""
+    torch.manual_seed(0)
+    moving, fixed = _synthetic_pair((32, 32, 32))
+    backbone = VoxelMorphUNet(3, 2, 8, (8, 8, 8, 8), (8,))
+    network = RegistrationNet(backbone, 3, integration_steps=3, divisor=8, flow_init_std=0.1, downsample=2).eval()
+    refiner = VelocityRefiner(levels=(2, 1), iterations=(10, 5), integration_steps=3)
+    reports: list[dict] = []
+    calls = []
+    network.backbone.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        ddf, _ = RegistrationEvalStep(refiner=refiner, network_passes=0).network_ddf(network, moving, fixed, reports)
+    assert not calls  # the backbone never ran
+    expected = refiner.refine(torch.zeros(1, 3, 16, 16, 16), moving, fixed, 2)
+    torch.testing.assert_close(ddf, network.upsample_ddf(expected.ddf, (32, 32, 32)))
+    assert reports[0]["levels"][0]["loss_end"] < reports[0]["levels"][0]["loss_start"]
 
 
 def test_network_passes_with_refinement_refine_the_last_pass():

@@ -2,7 +2,8 @@
 
 The network's guess ``v₀`` is a good start, but one forward pass cannot fit a particular pair's details. Here ``v``
 (on the network's coarse grid) is optimised for this pair alone with the training objective,
-``LNCC(m ∘ exp(v), f) + λ · BendingEnergy(exp(v))``, by Adam, coarse to fine: at level ``L`` both images are averaged
+``LNCC(m ∘ exp(v), f) + λ · BendingEnergy(exp(v))`` (or, for two contrasts, the MIND-SSC descriptors' squared
+difference, ``scripts.mind``), by Adam, coarse to fine: at level ``L`` both images are averaged
 over ``L^d`` blocks and ``v`` is resampled onto that grid before it is integrated, so the coarse levels are cheap
 and do most iterations. ``v`` stays a stationary velocity integrated by scaling and squaring, so the result stays
 diffeomorphic (no folding beyond discretisation) however long it runs.
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .integrate import identity_grid, integrate_velocity, warp
-from .losses import BoxLNCCLoss, FastBendingEnergyLoss
+from .losses import BoxLNCCLoss, FastBendingEnergyLoss, FixedImageMutualInformation
+from .mind import MINDSSCLoss
 
 __all__ = ["Refinement", "VelocityRefiner", "downsample_image"]
 
@@ -40,6 +42,28 @@ def _resize_field(field: torch.Tensor, shape: Sequence[int], scale: float) -> to
         return field * scale if scale != 1 else field
     mode = "bilinear" if field.dim() == 4 else "trilinear"
     return F.interpolate(field, size=list(shape), mode=mode, align_corners=False) * scale
+
+
+SIMILARITIES = ("lncc", "mind", "mi")
+
+
+class _GlobalMI(torch.nn.Module):
+    """Global mutual information (MONAI's Parzen-window MI, 32 bins) with the refiner's interface: ``target_sums``
+    keeps the fixed image's Parzen weights (once per level), ``forward`` compares the warped moving image with them.
+    Images in [0, 1] (the preprocessing's scaling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loss = FixedImageMutualInformation(num_bins=32)
+
+    def target_sums(self, target: torch.Tensor) -> torch.Tensor:
+        self.loss.set_target(target.reshape(target.shape[0], 1, -1))
+        return target
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, target_sums: torch.Tensor | None = None):
+        if target_sums is None:
+            self.target_sums(target)
+        return self.loss(pred.reshape(pred.shape[0], 1, -1))
 
 
 class Refinement(NamedTuple):
@@ -66,6 +90,10 @@ class VelocityRefiner:
         iterations: Adam iterations per level; all zero (``--refine_iterations 0``) leaves ``v`` as it is.
         learning_rate: Adam step, in voxels of the velocity grid.
         kernel_size: LNCC window, in voxels of each level's grid.
+        similarity: ``lncc`` (one contrast: the training objective) or ``mind`` (contrast-invariant: MIND-SSC
+            descriptors, the fixed image's once per level, the warped moving image's at each iteration;
+            ``scripts.mind``).
+        mind_radius, mind_dilation: the descriptors' patch half-width and neighbour distance, voxels of each level.
         regularization_weight: ``λ`` of the bending energy of the level's displacement field.
         integration_steps: scaling-and-squaring steps (the network's own count).
         differentiated_squarings: differentiate only the last ``K`` squarings of each integration (the value stays
@@ -88,6 +116,9 @@ class VelocityRefiner:
         regularization_weight: float = 1.0,
         integration_steps: int = 5,
         differentiated_squarings: int | None = None,
+        similarity: str = "lncc",
+        mind_radius: int = 1,
+        mind_dilation: int = 2,
     ) -> None:
         levels = [int(level) for level in levels]
         if isinstance(iterations, int):
@@ -102,6 +133,11 @@ class VelocityRefiner:
         self.integration_steps = int(integration_steps)
         self.differentiated_squarings = None if differentiated_squarings is None else int(differentiated_squarings)
         self.kernel_size = int(kernel_size)
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"refinement similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        self.similarity = similarity
+        self.mind = MINDSSCLoss(mind_radius, mind_dilation)
+        self.mutual_information = _GlobalMI()
         self.regularization = FastBendingEnergyLoss()  # MONAI's BendingEnergyLoss, gradient written out
         if self.enabled:
             # torch.optim imports torch._dynamo when the first optimizer of a process is built (seconds: see
@@ -171,7 +207,11 @@ class VelocityRefiner:
         sim = self._similarity(fixed)(warp(moving, ddf, grid=grid), fixed, fixed_sums)
         return sim + self.regularization_weight * regularization, sim, on_field_grid
 
-    def _similarity(self, fixed: torch.Tensor) -> BoxLNCCLoss:
+    def _similarity(self, fixed: torch.Tensor) -> BoxLNCCLoss | MINDSSCLoss | _GlobalMI:
+        if self.similarity == "mind":
+            return self.mind
+        if self.similarity == "mi":
+            return self.mutual_information
         return BoxLNCCLoss(fixed.dim() - 2, self.kernel_size)
 
     def __call__(
@@ -203,7 +243,7 @@ class VelocityRefiner:
                 moving_level = downsample_image(moving.float(), factor)
                 fixed_level = downsample_image(fixed.float(), factor)
                 grid = identity_grid(fixed_level.shape[2:], fixed_level.device)
-                with torch.no_grad():  # the fixed image's half of every LNCC evaluation of this level, once
+                with torch.no_grad():  # the fixed image's half of every similarity evaluation of this level, once
                     fixed_sums = self._similarity(fixed_level).target_sums(fixed_level)
                 level_inputs = (moving_level, fixed_level, field_factor, factor, grid, field_grid, fixed_sums)
                 history = []

@@ -234,7 +234,8 @@ class RegistrationEvalStep:
         compute_hd95: HD95 costs distance transforms; switch off for quick validation.
         refiner: optional test-time refinement; needs a network with ``velocity``/``integrate``/``upsample_ddf``
             (``scripts.network.RegistrationNet``).
-        network_passes: how many times the network registers the pair (1: once).
+        network_passes: how many times the network registers the pair (1: once; 0: not at all, the refinement
+            starts from the identity, ``v = 0``: for pairs the network was not trained for, e.g. two contrasts).
         inverse: also compute ``φ⁻¹`` (output ``inverse_ddf``, on the input grid, which the moving image shares):
             ``φ⁻¹ = exp(-v_n) ∘ ... ∘ exp(-v_1)``, exact up to the integration's interpolation; each record gets
             ``inverse_consistency``, how far ``φ ∘ φ⁻¹`` is from the identity (input voxels). Needs a network with a
@@ -257,8 +258,10 @@ class RegistrationEvalStep:
         affine=None,
         label_interpolation: str = "nearest",
     ) -> None:
-        if int(network_passes) < 1:
-            raise ValueError(f"network_passes must be a positive integer, got {network_passes}")
+        if int(network_passes) < 0:
+            raise ValueError(f"network_passes must be >= 0, got {network_passes}")
+        if int(network_passes) == 0 and (refiner is None or not refiner.enabled):
+            raise ValueError("network_passes 0 (no network) needs a test-time refinement (refine_iterations > 0)")
         self.network_passes = int(network_passes)
         self.inverse = bool(inverse)
         self.label_ids = resolve_label_ids(label_ids)
@@ -378,7 +381,10 @@ class RegistrationEvalStep:
             step = network.integrate(velocities[-1]).float()
             earlier = step if earlier is None else compose_ddfs(earlier, step)
             pooled = torch.cat([_warp_padded(pooled_moving, earlier, self.warp_image), pooled_fixed], dim=1)
-        field = network.velocity_from_pooled(pooled, spatial).float()
+        if self.network_passes == 0:  # the refinement starts from the identity
+            field = pooled.new_zeros((pooled.shape[0], len(spatial), *network.coarse_shape(spatial))).float()
+        else:
+            field = network.velocity_from_pooled(pooled, spatial).float()
         network_seconds = time.perf_counter() - start
         current = moving  # the refinement compares full-resolution images at its own levels
         if self.refiner is not None and earlier is not None:
