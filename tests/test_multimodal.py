@@ -143,12 +143,31 @@ def test_contrast_cases_reorder_the_tissues_deterministically():
         remap_contrast(t1, "flair", seed=0)
 
 
+def test_contrast_mapping_recovers_a_non_monotonic_contrast():
+    """``g = E[f | m]`` maps a PD-like copy of a piecewise-constant image back onto the fixed contrast exactly
+    (each tissue one moving intensity), scaled as the preprocessing scales; the background stays 0."""
+    from scripts.contrast_map import conditional_mean_map
+
+    labels = _blobs((30, 34, 28), seed=6)
+    fixed = _contrast(labels, (0.0, 0.25, 0.5, 1.0))
+    moving = _contrast(labels, (0.0, 0.6, 1.0, 0.45))
+    mapped = conditional_mean_map(moving, fixed)
+    top = float(torch.kthvalue(fixed.flatten(), int(0.995 * fixed.numel())).values)
+    torch.testing.assert_close(mapped, torch.clamp(fixed / top, 0, 1))
+    lncc = BoxLNCCLoss(3, 5)
+    assert float(lncc(mapped, fixed)) < float(lncc(moving, fixed)) - 0.1  # what the LNCC refinement then sees
+    empty = conditional_mean_map(torch.zeros_like(moving), fixed)
+    assert torch.equal(empty, torch.zeros_like(moving))
+    with pytest.raises(ValueError, match="one grid"):
+        conditional_mean_map(moving, fixed[..., :-1])
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_multimodal_flag_selects_mind_from_the_identity(spatial_dims):
-    """``--multimodal true``: MIND-SSC refinement started from the identity (no network pass), more iterations;
-    the default stays LNCC from the network; with the refinement off the network alone runs as before."""
-    from monai.bundle import ConfigParser
+def test_multimodal_flag_maps_the_contrast_before_the_network(spatial_dims):
+    """``--multimodal true`` (a contract): the evaluation step maps the moving contrast; the default does not;
+    anything but true/false is refused naming the flag."""
     from conftest import CONFIGS
+    from monai.bundle import ConfigParser
 
     def parsed(overrides: dict) -> ConfigParser:
         parser = ConfigParser()
@@ -156,13 +175,9 @@ def test_multimodal_flag_selects_mind_from_the_identity(spatial_dims):
         parser.update({"spatial_dims": spatial_dims, **overrides})
         return parser
 
-    default, multimodal = parsed({}), parsed({"multimodal": "true"})  # as the command line gives it
-    assert default.get_parsed_content("refiner").similarity == "lncc"
-    assert default.get_parsed_content("network_passes") == 1
-    refiner = multimodal.get_parsed_content("refiner")
-    assert refiner.similarity == "mind" and multimodal.get_parsed_content("network_passes") == 0
-    assert sum(refiner.iterations) > sum(default.get_parsed_content("refiner").iterations)
-    assert parsed({"multimodal": True, "refine_iterations": 0}).get_parsed_content("network_passes") == 2
+    assert parsed({}).get_parsed_content("infer#step").contrast_mapping is False
+    step = parsed({"multimodal": "true"}).get_parsed_content("infer#step")  # as the command line gives it
+    assert step.contrast_mapping is True and step.refiner.similarity == "lncc" and step.network_passes == 1
     with pytest.raises(Exception) as error:
-        parsed({"multimodal": "perhaps"}).get_parsed_content("refiner")
+        parsed({"multimodal": "perhaps"}).get_parsed_content("infer#step")
     assert "--multimodal expects true or false, got 'perhaps'" in repr(error.value.__cause__ or error.value)

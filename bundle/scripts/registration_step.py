@@ -25,6 +25,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from .affine import AffineStage
+from .contrast_map import conditional_mean_map
 from .integrate import compose_ddfs, grid_sample, sampling_grid, warp_label_linear
 from .pairs import label_present
 from .metrics import deformation_stats, dice_per_label, hd95_per_label, labels_to_score, resolve_label_ids
@@ -243,6 +244,9 @@ class RegistrationEvalStep:
         affine: optional affine stage (``scripts.affine.AffineRegistration``) that aligns the moving image, given
             on its own grid (``PairDataset(resample_moving=False)``), before the network; ``ddf`` stays the
             network's (fixed grid), ``affine_matrix`` holds ``T`` and the writer composes the two. One pair a batch.
+        contrast_mapping: register ``g(m)``, the moving image mapped onto the fixed image's contrast by the joint
+            histogram's conditional mean (``scripts.contrast_map``), after the affine stage (``--multimodal``);
+            the outputs warp the moving image itself.
         label_interpolation: how the moving label is warped: ``nearest`` (the VoxelMorph papers' Dice), or
             ``linear``: each label's mask interpolated, the label of largest weight kept
             (``scripts.integrate.warp_label_linear``, as ANTs' ``genericLabel`` / Greedy's ``LABEL``).
@@ -257,12 +261,14 @@ class RegistrationEvalStep:
         inverse: bool = False,
         affine=None,
         label_interpolation: str = "nearest",
+        contrast_mapping: bool = False,
     ) -> None:
         if int(network_passes) < 0:
             raise ValueError(f"network_passes must be >= 0, got {network_passes}")
         if int(network_passes) == 0 and (refiner is None or not refiner.enabled):
             raise ValueError("network_passes 0 (no network) needs a test-time refinement (refine_iterations > 0)")
         self.network_passes = int(network_passes)
+        self.contrast_mapping = bool(contrast_mapping)
         self.inverse = bool(inverse)
         self.label_ids = resolve_label_ids(label_ids)
         self.compute_hd95 = compute_hd95
@@ -293,6 +299,8 @@ class RegistrationEvalStep:
             # fixed grid for the network; the outputs below sample the moving file's grid once for T and φ together
             stage = AffineStage(self.affine, batch, fixed, moving)
         network_moving = moving if stage is None else stage.aligned
+        if self.contrast_mapping:  # the moving image in the fixed image's contrast, for the network and refinement
+            network_moving = conditional_mean_map(network_moving, fixed)
         with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=engine.amp):
             fields = self.register(engine.network, network_moving, fixed, refinements)
             ddf, network_seconds = fields.ddf, fields.network_seconds
