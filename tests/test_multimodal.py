@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, SHARED_DATA, run_bundle
 from scripts.losses import BoxLNCCLoss
 from scripts.mind import MINDSSCLoss, mind_ssc, ssc_pairs
 from scripts.refine import VelocityRefiner
@@ -181,3 +182,31 @@ def test_multimodal_flag_maps_the_contrast_before_the_network(spatial_dims):
     with pytest.raises(Exception) as error:
         parsed({"multimodal": "perhaps"}).get_parsed_content("infer#step")
     assert "--multimodal expects true or false, got 'perhaps'" in repr(error.value.__cause__ or error.value)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "oasis2d_train").is_dir(), reason=f"oasis2d_train not found under {SHARED_DATA}")
+def test_multimodal_registers_a_t2_like_slice_onto_a_t1_slice(tmp_path):
+    """A real training slice (oasis2d_train, not a test subject) made T2-like onto another subject's T1 slice, by the
+    README's command: the default collapses (the T1 network and LNCC see another contrast), --multimodal registers."""
+    from contrast_cases import make_contrast_case
+
+    data = SHARED_DATA / "oasis2d_train"
+    moving = make_contrast_case(str(data / "OAS1_0011_image.nii.gz"), str(tmp_path), "t2", seed=0)
+    dice = {}
+    for name, extra in (("default", {}), ("multimodal", {"multimodal": "true"})):
+        overrides = {
+            "fixed_image": data / "OAS1_0012_image.nii.gz",
+            "moving_image": moving,
+            "fixed_label": data / "OAS1_0012_label.nii.gz",
+            "moving_label": data / "OAS1_0011_label.nii.gz",
+            "output_dir": tmp_path / name,
+            **extra,
+        }
+        process = run_bundle("inference", ["bundle/configs/inference.yaml"], overrides, timeout=600)
+        assert process.returncode == 0, process.stderr[-2000:]
+        record = json.loads((tmp_path / name / "metrics.json").read_text())
+        dice[name] = (record["identity_mean_dice"], record["registered_mean_dice"], record["folding_fraction"])
+    identity = dice["default"][0]
+    assert dice["multimodal"][1] > identity + 0.05, dice
+    assert dice["multimodal"][1] > dice["default"][1] + 0.2, dice
+    assert dice["multimodal"][2] < 0.0005, dice  # folded voxels < 0.05 %
