@@ -34,6 +34,7 @@ VARIANTS = {
     "accurate": ["--refine_preset", "accurate"],
     "default-inverse": ["--write_inverse_ddf", "true"],  # default, plus inverse_ddf.nii.gz
     "default-noaffine": ["--affine", "false"],  # default without the affine stage (pre-aligned inputs)
+    "multimodal": ["--multimodal", "true"],  # the moving contrast mapped onto the fixed one first
 }
 
 
