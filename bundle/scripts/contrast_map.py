@@ -28,8 +28,7 @@ def conditional_mean_map(
     intensity of the voxels in its intensity bin; the moving background (``<= 0``) stays 0. Empty bins take the
     linear interpolation of their filled neighbours. The copy is then scaled as the preprocessing scales an input
     (``[0, upper_percentile]`` onto [0, 1], clipped): ``g`` averages away the fixed image's brightest voxels, and the
-    network expects its inputs' usual range (on the training pair v -> w, PD-like: Dice 0.672 unscaled, see the
-    model card)."""
+    network expects its inputs' usual range (unscaled, the network saw a darker copy than it was trained on)."""
     if moving.shape != fixed.shape:
         raise ValueError(f"contrast mapping needs two images on one grid, got {tuple(moving.shape)}, {fixed.shape}")
     out = torch.zeros_like(moving)

@@ -3,10 +3,10 @@
 The network's guess ``v₀`` is a good start, but one forward pass cannot fit a particular pair's details. Here ``v``
 (on the network's coarse grid) is optimised for this pair alone with the training objective,
 ``LNCC(m ∘ exp(v), f) + λ · BendingEnergy(exp(v))`` (or, for two contrasts, the MIND-SSC descriptors' squared
-difference, ``scripts.mind``), by Adam, coarse to fine: at level ``L`` both images are averaged
-over ``L^d`` blocks and ``v`` is resampled onto that grid before it is integrated, so the coarse levels are cheap
-and do most iterations. ``v`` stays a stationary velocity integrated by scaling and squaring, so the result stays
-diffeomorphic (no folding beyond discretisation) however long it runs.
+difference, ``scripts.mind``, or global mutual information), by Adam, coarse to fine: at level ``L`` both images
+are averaged over ``L^d`` blocks and ``v`` is resampled onto that grid before it is integrated, so the coarse levels
+are cheap and do most iterations. ``v`` stays a stationary velocity integrated by scaling and squaring, so the
+result stays diffeomorphic (no folding beyond discretisation) however long it runs.
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ class VelocityRefiner:
         iterations: Adam iterations per level; all zero (``--refine_iterations 0``) leaves ``v`` as it is.
         learning_rate: Adam step, in voxels of the velocity grid.
         kernel_size: LNCC window, in voxels of each level's grid.
-        similarity: ``lncc`` (one contrast: the training objective) or ``mind`` (contrast-invariant: MIND-SSC
+        similarity: ``lncc`` (one contrast: the training objective), ``mind`` (contrast-invariant: MIND-SSC
             descriptors, the fixed image's once per level, the warped moving image's at each iteration;
-            ``scripts.mind``).
+            ``scripts.mind``) or ``mi`` (global mutual information, the fixed image's Parzen weights per level).
         mind_radius, mind_dilation: the descriptors' patch half-width and neighbour distance, voxels of each level.
         regularization_weight: ``λ`` of the bending energy of the level's displacement field.
         integration_steps: scaling-and-squaring steps (the network's own count).

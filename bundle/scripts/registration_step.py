@@ -382,16 +382,16 @@ class RegistrationEvalStep:
         spatial = moving.shape[2:]
         earlier = None  # the composed DDF of the passes before the last, on the velocity grid
         velocities = []
-        pooled = network.pooled_pair(torch.cat([moving, fixed], dim=1))
-        pooled_moving, pooled_fixed = pooled[:, :1], pooled[:, 1:]
-        for _ in range(self.network_passes - 1):
-            velocities.append(network.velocity_from_pooled(pooled, spatial).float())
-            step = network.integrate(velocities[-1]).float()
-            earlier = step if earlier is None else compose_ddfs(earlier, step)
-            pooled = torch.cat([_warp_padded(pooled_moving, earlier, self.warp_image), pooled_fixed], dim=1)
-        if self.network_passes == 0:  # the refinement starts from the identity
-            field = pooled.new_zeros((pooled.shape[0], len(spatial), *network.coarse_shape(spatial))).float()
+        if self.network_passes == 0:  # no network: the refinement starts from the identity
+            field = moving.new_zeros((moving.shape[0], len(spatial), *network.coarse_shape(spatial))).float()
         else:
+            pooled = network.pooled_pair(torch.cat([moving, fixed], dim=1))
+            pooled_moving, pooled_fixed = pooled[:, :1], pooled[:, 1:]
+            for _ in range(self.network_passes - 1):
+                velocities.append(network.velocity_from_pooled(pooled, spatial).float())
+                step = network.integrate(velocities[-1]).float()
+                earlier = step if earlier is None else compose_ddfs(earlier, step)
+                pooled = torch.cat([_warp_padded(pooled_moving, earlier, self.warp_image), pooled_fixed], dim=1)
             field = network.velocity_from_pooled(pooled, spatial).float()
         network_seconds = time.perf_counter() - start
         current = moving  # the refinement compares full-resolution images at its own levels
