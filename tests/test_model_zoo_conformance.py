@@ -8,6 +8,9 @@ files and no trailing whitespace; module docstrings first; flake8-style code che
 sections Authors, Tags, Model Description, Data, Preprocessing, Performance, System Configuration, Limitations,
 Citation, References; data with terms of use needs ``docs/data_license.txt``. ``verify_net_in_out`` on
 ``network_def`` and the TorchScript export are in ``test_bundle_config.py``. Each rule fails with its name.
+
+Beyond the Zoo: every ``monai.bundle run`` command of the README and the bundle's docs is a valid invocation of these
+configs (files, run id, override ids), so the docs cannot drift from the configs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ast
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,7 +27,7 @@ import sys
 import pytest
 import yaml
 from conftest import BUNDLE, REPO
-from monai.bundle import verify_metadata
+from monai.bundle import ConfigParser, verify_metadata
 
 SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 WEIGHT_LIMIT_BYTES = 25 * 1024 * 1024  # weights committed to the Zoo; larger ones go to large_files.yml
@@ -41,6 +45,7 @@ README_SECTIONS = (
     "References",
 )
 TEXT_SUFFIXES = (".py", ".json", ".yaml", ".yml", ".md", ".txt", ".conf", ".cfg")
+FILE_ARGUMENTS = ("meta_file", "logging_file", "args_file")  # monai.bundle run reads these files, not config ids
 
 
 def _bundle_files() -> list[str]:
@@ -157,6 +162,118 @@ def rule_code_checks() -> list[str]:
     return problems
 
 
+def _strip_comment(line: str) -> str:
+    """``line`` without its shell comment: a ``#`` outside quotes that starts a word (``train#dataset`` is an id)."""
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
+
+
+def shell_commands(block: str) -> list[str]:
+    """The logical command lines of a shell block: comments dropped, a line ending in ``\\`` joined to the next."""
+    commands, pending = [], ""
+    for line in block.splitlines():
+        code = _strip_comment(line).rstrip()
+        if code.endswith("\\"):
+            pending += code[:-1] + " "
+            continue
+        if (pending + code).strip():
+            commands.append((pending + code).strip())
+        pending = ""
+    if pending.strip():
+        commands.append(pending.strip())
+    return commands
+
+
+def doc_bundle_commands(text: str) -> list[str]:
+    """The ``monai.bundle run`` commands of a markdown page: its fenced code blocks and its inline code spans."""
+    fenced = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+    commands = [command for block in fenced.findall(text) for command in shell_commands(block)]
+    prose = fenced.sub("", text).replace("\n", " ")
+    commands += [span.strip() for span in re.findall(r"`([^`]+)`", prose)]
+    return [command for command in commands if re.search(r"-m monai\.bundle run\b", command)]
+
+
+def bundle_invocation_problems(command: str, cwd=REPO) -> list[str]:
+    """What keeps ``command`` (a shell line with ``[python|torchrun ...] -m monai.bundle run``) from running here.
+
+    Config files (one path, a comma-separated string or a ``"['a.yaml','b.yaml']"`` list, relative to ``cwd`` or to a
+    ``cd DIR &&`` before it) must exist, the run id and every ``--key`` override must be ids of the merged config,
+    and ``--meta_file`` / ``--logging_file`` must exist. ``[--key value]`` marks an optional flag, ``...`` elision.
+    """
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    try:
+        tokens = list(lexer)
+    except ValueError as error:
+        return [f"does not parse as a shell line ({error})"]
+    segments, segment = [], []
+    for token in tokens:
+        if token in ("&&", "||", ";", "|", "&"):
+            segments.append(segment)
+            segment = []
+        else:
+            segment.append(token)
+    segments.append(segment)
+    problems, found = [], False
+    for segment in segments:
+        if segment[:1] == ["cd"] and len(segment) == 2:
+            cwd = cwd / segment[1]
+            continue
+        starts = [i for i in range(1, len(segment) - 1) if segment[i - 1 : i + 2] == ["-m", "monai.bundle", "run"]]
+        if not starts:
+            continue
+        found = True
+        arguments = segment[starts[0] + 2 :]
+        run_id = arguments.pop(0) if arguments and not arguments[0].startswith(("-", "[")) else "run"
+        options = {}
+        for index, token in enumerate(arguments):
+            if token.startswith(("--", "[--")):
+                key, _, value = token.lstrip("[").rstrip("]").removeprefix("--").partition("=")
+                following = arguments[index + 1] if index + 1 < len(arguments) else ""
+                value = value or ("" if following.startswith(("--", "[--")) else following)
+                options[key] = value.rstrip("]") if token.startswith("[") else value
+        run_id = options.pop("run_id", run_id)
+        config = options.pop("config_file", "")
+        if not config:
+            problems.append("has no --config_file")
+            continue
+        try:
+            names = ast.literal_eval(config) if config.startswith("[") else config.split(",")
+        except (ValueError, SyntaxError):
+            problems.append(f"--config_file {config!r} is neither a path nor a list of paths")
+            continue
+        paths = [cwd / str(name).strip() for name in names]
+        missing = [str(path.relative_to(cwd)) for path in paths if not path.is_file()]
+        problems += [f"config file {name} does not exist" for name in missing]
+        for key in FILE_ARGUMENTS:
+            if key in options and not (cwd / options.pop(key)).is_file():
+                problems.append(f"--{key} names a file that does not exist")
+        if missing:
+            continue
+        parser = ConfigParser(ConfigParser.load_config_files([str(path) for path in paths]))
+        config_names = ", ".join(str(path.relative_to(cwd)) for path in paths)
+        if run_id not in parser:
+            problems.append(f"run id '{run_id}' is not in {config_names}")
+        problems += [f"--{key} is not an id of {config_names}" for key in options if key not in parser]
+    return problems if found else ["is not a monai.bundle run command"]
+
+
+def rule_doc_commands() -> list[str]:
+    problems = []
+    for page in [REPO / "README.md", *sorted((BUNDLE / "docs").glob("*.md"))]:
+        for command in doc_bundle_commands(page.read_text()):
+            shown = command if len(command) <= 160 else command[:157] + "..."
+            problems += [f"{page.relative_to(REPO)}: `{shown}` {p}" for p in bundle_invocation_problems(command)]
+    return problems
+
+
 RULES = {
     "necessary-files": rule_necessary_files,
     "preferred-files": rule_preferred_files,
@@ -168,6 +285,7 @@ RULES = {
     "data-license": rule_data_license,
     "file-format": rule_file_format,
     "code-checks": rule_code_checks,
+    "doc-commands": rule_doc_commands,
 }
 
 
@@ -196,3 +314,72 @@ def test_rules_can_fail(tmp_path, monkeypatch):
     assert len(rules.rule_readme_sections()) == len(README_SECTIONS) - 1
     assert any("trailing whitespace" in p for p in rules.rule_file_format())
     assert any("not pretty-printed JSON" in p for p in rules.rule_file_format())
+
+
+def test_doc_commands_are_read_as_a_shell_reads_them():
+    """Continuations join, comments drop (an id's ``#`` stays), inline spans count, other commands do not."""
+    block = (
+        "# register\n"
+        "python -m monai.bundle run inference --config_file bundle/configs/inference.yaml \\\n"
+        "    --refine_iterations 0   # the network alone\n"
+        "python bundle/scripts/apply_ddf.py O/ddf.nii.gz M.nii.gz O/w.nii.gz\n"
+    )
+    assert shell_commands(block) == [
+        "python -m monai.bundle run inference --config_file bundle/configs/inference.yaml      --refine_iterations 0",
+        "python bundle/scripts/apply_ddf.py O/ddf.nii.gz M.nii.gz O/w.nii.gz",
+    ]
+    assert shell_commands("x --train#dataset#cache_rate 0.5 # comment") == ["x --train#dataset#cache_rate 0.5"]
+    inline = "`python -m monai.bundle run training\n--config_file bundle/configs/train.yaml`"
+    assert len(doc_bundle_commands(f"text {inline} text\n```bash\n{block}```\n")) == 2
+
+
+TRAIN, MNIST = "bundle/configs/train.yaml", "bundle/configs/mnist.yaml"
+
+
+@pytest.mark.parametrize(
+    "command, problem",
+    [
+        ("python -m monai.bundle run training --config_file bundle/configs/none.yaml", "none.yaml does not exist"),
+        (
+            f"python -m monai.bundle run trainig --config_file \"['{TRAIN}','{MNIST}']\"",
+            f"run id 'trainig' is not in {TRAIN}, {MNIST}",
+        ),
+        (f"python -m monai.bundle run inference --config_file {TRAIN}", "run id 'inference' is not"),
+        (
+            "python -m monai.bundle run inference --config_file bundle/configs/inference.yaml --refine_iteration 0",
+            "--refine_iteration is not an id",
+        ),
+        (
+            f"python -m monai.bundle run training --config_file {TRAIN} --meta_file configs/meta.json",
+            "--meta_file names a file that does not exist",
+        ),
+        (f"cd bundle && python -m monai.bundle run training --config_file {TRAIN}", "does not exist"),
+        ("torchrun --nproc_per_node=2 -m monai.bundle run training", "has no --config_file"),
+        (
+            "python -m monai.bundle ckpt_export network_def --config_file configs/inference.yaml",
+            "not a monai.bundle run",
+        ),
+    ],
+)
+def test_doc_commands_can_fail(command, problem):
+    """A fabricated bad command is reported with what is wrong with it."""
+    problems = bundle_invocation_problems(command)
+    assert any(problem in p for p in problems), problems
+
+
+def test_doc_commands_good_forms_pass():
+    """Other spellings a page may use: ``cd bundle &&``, file arguments, ``--key=value``, ``--run_id``, ``#`` ids."""
+    assert (
+        bundle_invocation_problems(
+            "cd bundle && python -m monai.bundle run training --config_file configs/train.yaml "
+            "--meta_file configs/metadata.json --logging_file configs/logging.conf [--resume true] ..."
+        )
+        == []
+    )
+    assert (
+        bundle_invocation_problems(
+            "torchrun --standalone --nproc_per_node=2 -m monai.bundle run --run_id training "
+            f"--config_file={TRAIN},bundle/configs/multi_gpu_train.yaml --train#subject_dataset#cache_rate 0.5"
+        )
+        == []
+    )
