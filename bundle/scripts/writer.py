@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
@@ -22,18 +22,20 @@ from .files import atomic_output, atomic_write_json, logger
 from .pairs import label_present
 from .visualize import save_overview_png
 
-__all__ = ["RegistrationWriter", "save_nifti_atomic"]
+__all__ = ["OUTPUT_NAMES", "RegistrationWriter", "save_nifti_atomic", "write_pair_outputs"]
 
 NIFTI_INTENT_VECTOR = 1007
-OUTPUT_FILES = (
-    "warped_image.nii.gz",
-    "warped_label.nii.gz",
-    "ddf.nii.gz",
-    "inverse_ddf.nii.gz",
-    "affine.txt",
-    "overview.png",
-    "metrics.json",
-)
+# what a registration writes: output name (``--outputs`` of batch_inference) -> file in the pair's folder
+OUTPUT_NAMES = {
+    "warped_image": "warped_image.nii.gz",
+    "warped_label": "warped_label.nii.gz",
+    "ddf": "ddf.nii.gz",
+    "inverse_ddf": "inverse_ddf.nii.gz",
+    "affine": "affine.txt",
+    "overview": "overview.png",
+    "metrics": "metrics.json",
+}
+OUTPUT_FILES = tuple(OUTPUT_NAMES.values())
 # A displacement field is float noise to deflate: gzip shrinks a 1 mm brain's DDF from 83 to 77 MB in ~3.5 s of CPU,
 # the largest part of writing the outputs. It is stored uncompressed inside ddf.nii.gz (still a valid .nii.gz).
 DDF_COMPRESSLEVEL = 0
@@ -185,60 +187,11 @@ class RegistrationWriter:
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        fixed = engine.state.batch["fixed_image"]
         several = len(engine.state.dataloader.dataset) > 1
         for i, record in enumerate(output["records"]):
             subfolder = f"{record['moving']}_to_{record['fixed']}" if several else ""
             folder = os.path.join(self._staging or self.output_dir, subfolder)
-            final_folder = os.path.join(self.output_dir, subfolder)
-            affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
-            matrix = output["affine_matrix"][i] if "affine_matrix" in output else None
-            grid = FixedFileGrid(
-                fixed.meta["filename_or_obj"][i],
-                torch.as_tensor(affine).cpu().numpy(),
-                tuple(fixed.shape[2:]),
-                endpoint_world=matrix,  # ddf.nii.gz: the whole transform, the affine stage's T after φ
-            )
-            warped = output["warped_image"][i, 0].float().cpu().numpy()
-            ddf = output["ddf"][i].float().cpu().numpy()
-            # gzip releases the GIL: the NIfTI files and the figure are written side by side (3D: ~2x faster).
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                jobs = [
-                    pool.submit(
-                        save_nifti_atomic,
-                        grid.image(warped).astype(np.float32),
-                        grid.file_affine,
-                        os.path.join(folder, "warped_image.nii.gz"),
-                    ),
-                    pool.submit(
-                        save_nifti_atomic,
-                        grid.ddf(ddf),
-                        grid.file_affine,
-                        os.path.join(folder, "ddf.nii.gz"),
-                        NIFTI_INTENT_VECTOR,
-                        DDF_COMPRESSLEVEL,
-                    ),
-                ]
-                if "inverse_ddf" in output:
-                    jobs.append(pool.submit(self._save_inverse, engine.state.batch, output, i, folder))
-                if matrix is not None:
-                    jobs.append(pool.submit(write_itk_affine, os.path.join(folder, "affine.txt"), matrix))
-                if "warped_label" in output and label_present(engine.state.batch, "moving", i):
-                    label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
-                    jobs.append(
-                        pool.submit(
-                            save_nifti_atomic, label, grid.file_affine, os.path.join(folder, "warped_label.nii.gz")
-                        )
-                    )
-                save_overview_png(
-                    os.path.join(folder, "overview.png"),
-                    output["fixed_image"][i, 0].float().cpu().numpy(),
-                    output["moving_image"][i, 0].float().cpu().numpy(),
-                    warped,
-                    ddf,
-                )
-                for job in jobs:
-                    job.result()  # re-raises a failed write
+            identical = write_pair_outputs(folder, engine.state.batch, output, i)
             record["seconds_load_to_write"] = time.perf_counter() - self._clock
             self._clock = time.perf_counter()
             atomic_write_json(os.path.join(folder, "metrics.json"), record)
@@ -248,6 +201,69 @@ class RegistrationWriter:
                 record["fixed"],
                 record["seconds"],
                 record["seconds_load_to_write"],
-                final_folder,
-                "" if grid.identical else " (resampled onto the fixed file's grid)",
+                os.path.join(self.output_dir, subfolder),
+                "" if identical else " (resampled onto the fixed file's grid)",
             )
+
+
+def write_pair_outputs(
+    folder: str, batch: Mapping, output: Mapping, i: int, outputs: Iterable[str] | None = None
+) -> bool:
+    """Write pair ``i``'s NIfTI files and figure (``RegistrationWriter``'s conventions) into ``folder``; ``outputs``
+    names the ones wanted (keys of ``OUTPUT_NAMES``; None: all that the step computed). ``metrics.json`` is the
+    caller's. Returns whether the network's grid is the fixed file's own (nothing was resampled)."""
+    wanted = set(OUTPUT_NAMES) if outputs is None else set(outputs)
+    fixed = batch["fixed_image"]
+    affine = fixed.affine[i] if fixed.affine.ndim == 3 else fixed.affine
+    matrix = output["affine_matrix"][i] if "affine_matrix" in output else None
+    grid = FixedFileGrid(
+        fixed.meta["filename_or_obj"][i],
+        torch.as_tensor(affine).cpu().numpy(),
+        tuple(fixed.shape[2:]),
+        endpoint_world=matrix,  # ddf.nii.gz: the whole transform, the affine stage's T after φ
+    )
+    warped = output["warped_image"][i, 0].float().cpu().numpy()
+    ddf = output["ddf"][i].float().cpu().numpy()
+    # gzip releases the GIL: the NIfTI files and the figure are written side by side (3D: ~2x faster).
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = []
+        if "warped_image" in wanted:
+            jobs.append(
+                pool.submit(
+                    save_nifti_atomic,
+                    grid.image(warped).astype(np.float32),
+                    grid.file_affine,
+                    os.path.join(folder, "warped_image.nii.gz"),
+                )
+            )
+        if "ddf" in wanted:
+            jobs.append(
+                pool.submit(
+                    save_nifti_atomic,
+                    grid.ddf(ddf),
+                    grid.file_affine,
+                    os.path.join(folder, "ddf.nii.gz"),
+                    NIFTI_INTENT_VECTOR,
+                    DDF_COMPRESSLEVEL,
+                )
+            )
+        if "inverse_ddf" in output and "inverse_ddf" in wanted:
+            jobs.append(pool.submit(RegistrationWriter._save_inverse, batch, output, i, folder))
+        if matrix is not None and "affine" in wanted:
+            jobs.append(pool.submit(write_itk_affine, os.path.join(folder, "affine.txt"), matrix))
+        if "warped_label" in output and "warped_label" in wanted and label_present(batch, "moving", i):
+            label = grid.label(output["warped_label"][i, 0].cpu().numpy()).round().astype(np.int16)
+            jobs.append(
+                pool.submit(save_nifti_atomic, label, grid.file_affine, os.path.join(folder, "warped_label.nii.gz"))
+            )
+        if "overview" in wanted:
+            save_overview_png(
+                os.path.join(folder, "overview.png"),
+                output["fixed_image"][i, 0].float().cpu().numpy(),
+                output["moving_image"][i, 0].float().cpu().numpy(),
+                warped,
+                ddf,
+            )
+        for job in jobs:
+            job.result()  # re-raises a failed write
+    return grid.identical
