@@ -96,6 +96,20 @@ def test_dice_skips_labels_absent_from_either_image_and_scores_per_label():
     assert dice_per_label(fixed, np.zeros_like(fixed), [1]) == {1: 0.0}
 
 
+def test_dice_counts_every_id_at_once_as_one_comparison_per_id_does():
+    """The bincount path (non-negative integer maps) and the per-id comparisons (float maps, negative ids) agree."""
+    rng = np.random.default_rng(0)
+    fixed = rng.choice([0, 2, 3, 41, 255], size=(20, 24, 16))
+    warped = np.where(rng.random(fixed.shape) < 0.7, fixed, rng.choice([0, 2, 3, 41, 77], size=fixed.shape))
+    ids = [2, 3, 41, 255, 77, 1000]  # 77 only warped, 1000 in neither
+    counted = dice_per_label(fixed.astype(np.int16), warped.astype(np.int16), ids)
+    compared = dice_per_label(fixed.astype(np.float32), warped.astype(np.float32), ids)
+    assert counted == pytest.approx(compared, abs=1e-12) and counted[1000] == 0.0 and counted[77] == 0.0
+    assert 0.5 < counted[2] < 0.95
+    assert labels_to_score(fixed.astype(np.uint8), warped.astype(np.uint8), None) == [2, 3, 41, 255]
+    assert labels_to_score(fixed - 1, warped - 1, None) == [-1, 1, 2, 40, 254]  # negative ids: np.unique
+
+
 def test_hd95_known_shift():
     fixed = _blob((40, 40), (20, 20), radius=8).astype(int)
     shifted = _blob((40, 40), (23, 20), radius=8).astype(int)

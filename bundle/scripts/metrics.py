@@ -42,15 +42,46 @@ def labels_to_score(fixed_label: np.ndarray, moving_label: np.ndarray, label_ids
     """Foreground ids present in both label maps (Learn2Reg skips structures absent from either), optionally
     restricted to ``label_ids``. Fixed and moving (not warped) maps decide, so identity and registration are
     scored on the same structures."""
-    present = set(np.unique(fixed_label).astype(int)) & set(np.unique(moving_label).astype(int))
+    present = _ids_present(fixed_label) & _ids_present(moving_label)
     present.discard(0)
     if label_ids is not None:
         present &= set(int(i) for i in label_ids)
     return sorted(present)
 
 
+def _ids_present(label_map: np.ndarray) -> set[int]:
+    """The ids of a label map: a ``np.bincount`` for non-negative integer maps (a sort-free pass, where
+    ``np.unique`` sorts the whole volume), ``np.unique`` otherwise."""
+    if (
+        np.issubdtype(label_map.dtype, np.integer)
+        and label_map.size
+        and 0 <= label_map.min() <= label_map.max() < 2**16
+    ):
+        return {int(i) for i in np.flatnonzero(np.bincount(label_map.ravel()))}
+    return set(np.unique(label_map).astype(int))
+
+
 def dice_per_label(fixed_label: np.ndarray, warped_label: np.ndarray, label_ids: Sequence[int]) -> dict[int, float]:
-    """Dice ``2|F∩W| / (|F|+|W|)`` for each id; a structure that vanished after warping scores 0."""
+    """Dice ``2|F∩W| / (|F|+|W|)`` for each id; a structure that vanished after warping scores 0.
+
+    Integer maps with ids in ``[0, 2**16)``: three ``np.bincount`` passes over the voxels count every id at once
+    (|F|, |W| and |F∩W| where both maps hold the same id), where one comparison per id would read the volume twice
+    per structure (a 1 mm brain, 35 structures: ~0.8 s -> well under 0.1 s). Other maps: one comparison per id.
+    """
+    ids = [int(label) for label in label_ids]
+    bounded = ids and min(ids) >= 0 and max(ids) < 2**16
+    integral = np.issubdtype(fixed_label.dtype, np.integer) and np.issubdtype(warped_label.dtype, np.integer)
+    if bounded and integral and fixed_label.size and fixed_label.min() >= 0 and warped_label.min() >= 0:
+        fixed, warped = fixed_label.ravel(), warped_label.ravel()
+        size = max(max(ids), int(fixed.max()), int(warped.max())) + 1
+        fixed_counts = np.bincount(fixed, minlength=size)
+        warped_counts = np.bincount(warped, minlength=size)
+        shared_counts = np.bincount(fixed[fixed == warped], minlength=size)
+        scores = {}
+        for label in ids:
+            denominator = int(fixed_counts[label]) + int(warped_counts[label])
+            scores[label] = float(2.0 * shared_counts[label] / denominator) if denominator else 0.0
+        return scores
     scores = {}
     for label in label_ids:
         fixed_mask, warped_mask = fixed_label == label, warped_label == label
