@@ -18,7 +18,7 @@ import pytest
 
 from conftest import CONFIGS, REPO, bundle_command, check_ok, run_bundle
 
-from scripts.batch import CohortPlan, parse_outputs
+from scripts.batch import CohortPlan, cohort_spatial_dims, parse_outputs
 from scripts.cohort import atlas_pairs, read_pairs_csv
 
 BATCH_CONFIGS = [str(CONFIGS / "inference.yaml"), str(CONFIGS / "batch_inference.yaml")]
@@ -141,6 +141,17 @@ def test_outputs_are_checked_and_overwrite_redoes_done_pairs(tmp_path, cohort):
     assert len(CohortPlan(pairs, str(tmp_path / "out"), "warped_label,metrics,overview").pending) == 2
     (folder / "warped_label.nii.gz").unlink()
     assert len(CohortPlan(pairs, str(tmp_path / "out"), "warped_label,metrics").pending) == 2
+
+
+def test_dimensionality_comes_from_the_first_readable_fixed_image(tmp_path, cohort):
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not a NIfTI file at all")
+    rows = _ring(cohort, 2)
+    rows[0]["fixed_image"] = str(garbage)
+    pairs = read_pairs_csv(str(_write_pairs(tmp_path / "pairs.csv", rows)))
+    assert cohort_spatial_dims(pairs) == 2
+    with pytest.raises(ValueError, match="no fixed image of the cohort has a readable header"):
+        cohort_spatial_dims(pairs[:1])
 
 
 # ---- the command ----

@@ -33,7 +33,7 @@ from monai.data import list_data_collate
 from torch.utils.data import Dataset
 
 from .cohort import CohortPair
-from .datalist import check_fits_in_memory, check_image_file
+from .datalist import check_fits_in_memory, check_image_file, spatial_dims_of_file
 from .files import atomic_folder, atomic_write_json, atomic_write_text, logger
 from .pairs import PairDataset
 from .writer import OUTPUT_NAMES, write_pair_outputs
@@ -44,6 +44,7 @@ __all__ = [
     "CohortWriter",
     "GuardedStep",
     "Shard",
+    "cohort_spatial_dims",
     "collate_one",
     "loader_worker_init",
     "parse_outputs",
@@ -75,6 +76,18 @@ def parse_outputs(outputs: str | Sequence[str]) -> list[str]:
     if unknown or not names:
         raise ValueError(f"--outputs {outputs!r}: unknown output(s) {unknown}; choose among {', '.join(OUTPUT_NAMES)}")
     return list(dict.fromkeys(names))
+
+
+def cohort_spatial_dims(pairs: Sequence[CohortPair]) -> int:
+    """2 or 3, from the first fixed image whose header reads: one unreadable file must not stop the cohort (its pair
+    fails alone, as does a pair of the other dimensionality)."""
+    errors = []
+    for pair in pairs:
+        try:
+            return spatial_dims_of_file(pair.fixed_image, f"{pair.where} fixed_image")
+        except (ValueError, OSError) as error:
+            errors.append(str(error))
+    raise ValueError(f"no fixed image of the cohort has a readable header (first: {errors[0] if errors else 'none'})")
 
 
 class Shard:
