@@ -10,9 +10,9 @@ the objective of the result at 2 mm and at 1 mm (lower is better; the same crite
 last level), the folded-voxel % of the 1 mm displacement, and the refinement's seconds.
 
 A lower objective is not a higher Dice: at 89387e6 the refiner built a fresh Adam per level and the default became
-``4,2:20,12:0.1``, lower here in both directions with less folding, yet lower on the test pair's Dice (model card,
-"What did not help"), and 0.7.0's refinement was restored. Use this table for the time and folding of a schedule, and
-only a labelled evaluation for its accuracy.
+``4,2:20,12:0.1``, lower here in both directions with less folding, yet lower on the test pair's Dice
+(docs/experiments.md, "What did not help"), and 0.7.0's refinement was restored. Use this table for the time and
+folding of a schedule, and only a labelled evaluation for its accuracy.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_zero_similarity_keeps_the_graph():
 
 def test_synthmorph_overlay_trains_on_synthetic_pairs_and_validates_on_fixed_labelled_ones(tmp_path):
     """Wiring: the overlay's pairs reach the trainer and the evaluator, and the label loss moves the network. That
-    it learns to register is a longer run's result (model card: the 2D SynthMorph run's validation Dice)."""
+    it learns to register is a longer run's result (docs/experiments.md: the 2D SynthMorph run's validation Dice)."""
     overrides = {
         "output_dir": tmp_path / "out",
         "synthmorph_size": "[32, 32]",

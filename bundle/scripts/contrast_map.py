@@ -10,7 +10,7 @@ intensity each moving intensity mostly lies on: the conditional mean
 a least-squares estimate of the fixed contrast from the moving one. ``g(m)`` is a T1-like copy of the moving image
 that the same-contrast pipeline registers; the outputs (``warped_image``, ``warped_label``) still warp the moving
 file itself. ``g`` need not be monotonic, so any one-to-one tissue contrast maps back; tissues that share a moving
-intensity are blended, and a bias field blurs the histogram (both limit it: model card).
+intensity are blended, and a bias field blurs the histogram (both limit it: docs/experiments.md).
 """
 
 from __future__ import annotations

@@ -365,8 +365,8 @@ class RegistrationEvalStep:
         once (a 3D brain: composing on the 2 mm grid costs an eighth of composing at 1 mm), and each later pass sees
         the moving image warped on the grid the backbone sees (its ``pooled_pair``, 2 mm for the brain model): the
         network averages its input to that grid anyway, and a 1 mm upsampling and warp there cost more than the
-        pass (model card: network alone 3.30 -> 2.67 s). Other networks compose their full-resolution DDFs and warp
-        at full resolution.
+        pass (docs/experiments.md: network alone 3.30 -> 2.67 s). Other networks compose their full-resolution DDFs
+        and warp at full resolution.
         """
         network = getattr(network, "module", network)  # unwrap DistributedDataParallel
         coarse = all(hasattr(network, name) for name in _COARSE_INTERFACE)
