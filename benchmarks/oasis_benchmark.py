@@ -706,6 +706,43 @@ def markdown_table(pair_name: str, pair_result: dict, methods: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def mean_table(results: dict, methods: Sequence[str]) -> str:
+    """Each method's means over the pairs it registered: mean Dice, folded voxels %, registration s (several pairs)."""
+    pairs = list(results["pairs"].values())
+    lines = [
+        f"**mean over {len(pairs)} pairs** (each pair's mean Dice over its structures)",
+        "",
+        "| method | pairs | mean Dice | min Dice | folded voxels % | registration s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in methods:
+        entries = [p["methods"][method] for p in pairs if p["methods"].get(method, {}).get("status") == "ok"]
+        if not entries:
+            continue
+        dice = [e["mean_dice"] for e in entries]
+        folded = np.mean([e["folded_percent"] for e in entries])
+        seconds = np.mean([e.get("registration_s", e["wall_s"]) for e in entries])
+        lines.append(
+            f"| {method} | {len(entries)} | {np.mean(dice):.3f} | {min(dice):.3f} | {folded:.4f} | {seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def print_report(results: dict, results_path: Path, figure: Path) -> None:
+    ordered = [m for m in METHODS if any(m in r["methods"] for r in results["pairs"].values())]
+    print(
+        f"{results['settings']['threads']} threads; load average at start "
+        f"{results['settings']['load_average_at_start'][0]:.2f}"
+    )
+    for name, pair_result in results["pairs"].items():
+        print(markdown_table(name, pair_result, ordered))
+        print()
+    if len(results["pairs"]) > 1:
+        print(mean_table(results, ordered))
+        print()
+    print(f"results: {results_path}\nfigure:  {figure}")
+
+
 def save_boxplot(results: dict, methods: Sequence[str], path: str) -> None:
     """Per-structure Dice, one box per method and one panel per direction (VoxelMorph TMI style), atomically."""
     import matplotlib
@@ -769,6 +806,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default=str(REPO / "bundle" / "runs" / "benchmark"))
+    parser.add_argument("--report", default=None, help="print the tables of this results.json, run nothing")
     parser.add_argument("--merge", action="store_true", help="keep other methods' entries of an existing results.json")
     parser.add_argument("--bundle_ckpt", default=None, help="passed to the bundle as --ckpt_path")
     parser.add_argument("--bundle_timeout", type=int, default=7200, help="seconds per bundle inference")
@@ -810,6 +848,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; returns the results dict also written to ``results.json``."""
     args = parse_args(argv)
+    if args.report:  # print the tables of an earlier run's results.json, running nothing
+        path = Path(args.report)
+        results = json.loads(path.read_text())
+        print_report(results, path, path.parent / "dice_boxplot.png")
+        return results
     # Before ANTs/ITK/Greedy load: ITK reads its default thread count from the environment once.
     os.environ.update(_thread_env(args.threads))
     import torch
@@ -923,11 +966,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     atomic_write_text(str(results_path), json.dumps(results, indent=1))
     save_boxplot(results, ordered, str(output_dir / "dice_boxplot.png"))
     print()
-    print(f"{args.threads} threads; load average at start {results['settings']['load_average_at_start'][0]:.2f}")
-    for name, pair_result in results["pairs"].items():
-        print(markdown_table(name, pair_result, ordered))
-        print()
-    print(f"results: {results_path}\nfigure:  {output_dir / 'dice_boxplot.png'}")
+    print_report(results, results_path, output_dir / "dice_boxplot.png")
     return results
 
 

@@ -99,8 +99,8 @@ def test_2d_files_get_a_message_naming_the_model_to_train(tmp_path):
 
 @requires_shared_data
 def test_flag_free_2d_inference_uses_the_shipped_2d_model(tmp_path):
-    """2D files, no flag: the shipped 2D model (trained on random label maps only) and the default refinement register
-    the real OASIS slices without folding (the network-alone path is the 3D test's)."""
+    """2D files, no flag: the shipped 2D model (random label maps, then the real 2D cohort) and the default refinement
+    register the real OASIS slices without folding (the network-alone path is the 3D test's)."""
     process = run_bundle("inference", [INFERENCE], _oasis2d_pair(tmp_path, labels=True))
     check_ok(process)
     assert "models/2d/model.pt" in process.stdout + process.stderr  # the log names the weights it loaded
