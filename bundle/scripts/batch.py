@@ -36,7 +36,7 @@ from .cohort import CohortPair
 from .datalist import check_fits_in_memory, check_image_file, spatial_dims_of_file
 from .files import atomic_folder, atomic_write_json, atomic_write_text, logger
 from .pairs import PairDataset
-from .writer import OUTPUT_NAMES, write_pair_outputs
+from .writer import OUTPUT_NAMES, _output_files, write_pair_outputs
 
 __all__ = [
     "CohortPairDataset",
@@ -121,15 +121,6 @@ class Shard:
             torch.distributed.barrier()
 
 
-def _pair_files(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for root, _, files in os.walk(folder):
-        found += [os.path.relpath(os.path.join(root, f), folder) for f in files]
-    return found
-
-
 class CohortPlan:
     """The cohort's pairs, what is already done in ``output_dir``, this rank's pending share, and the summary.
 
@@ -190,7 +181,7 @@ class CohortPlan:
         row = self.read_row(pair)
         if row is None or row.get("status") != "ok" or not set(self.outputs) <= set(row.get("outputs", [])):
             return False
-        present = set(_pair_files(self.folder(pair)))
+        present = set(_output_files(self.folder(pair)))
         return all(name in present for name in self.expected_files(pair))
 
     def _clean_staging(self, mine: Sequence[CohortPair]) -> None:
@@ -411,7 +402,7 @@ class CohortWriter:
         folder = self.plan.folder(pair)
         try:
             foreign = [
-                f for f in _pair_files(folder) if os.path.basename(f) not in OUTPUT_NAMES.values() or os.sep in f
+                f for f in _output_files(folder) if os.path.basename(f) not in OUTPUT_NAMES.values() or os.sep in f
             ]
             if foreign:
                 raise FileExistsError(
