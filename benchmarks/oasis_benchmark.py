@@ -63,7 +63,8 @@ sys.path.insert(0, str(REPO / "bundle"))
 from scripts.files import atomic_write_text  # noqa: E402
 from scripts.metrics import deformation_stats, dice_per_label, labels_to_score, resolve_label_ids  # noqa: E402
 
-CASES = ("aligned", "misaligned", "contrast", "both")
+CASES = ("aligned", "misaligned", "contrast", "both", "warp")
+MOVED_CASES = ("misaligned", "both")  # the moving image on another grid: Greedy runs its affine stage first
 CONTRAST_CASES = ("contrast", "both")  # the moving image in another contrast: Greedy and the bundle switch to it
 METHODS = (
     "identity",
@@ -645,6 +646,26 @@ def contrast_pairs(
     return out
 
 
+def warp_pairs(pairs: list[Pair], folder: Path, seeds: Sequence[int], magnitudes: Sequence[float]) -> list[Pair]:
+    """For each pair's moving subject, once per magnitude and seed: the subject (fixed) and a copy of it moved by a
+    known smooth diffeomorphism (moving; ``warp_cases.make_warp_case``, the files kept in ``folder``). With
+    ``--directions both`` each subject of the datalist's pairs is warped."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from warp_cases import make_warp_case
+
+    out = []
+    for pair in pairs:
+        subject = Path(pair.moving).name.split(".")[0].removesuffix("_image")
+        for magnitude in magnitudes:
+            for seed in seeds:
+                name = f"{subject}_warp{magnitude:g}_seed{seed}"
+                image, label = make_warp_case(
+                    pair.moving, pair.moving_label, str(folder / subject), magnitude, seed, name=name
+                )
+                out.append(Pair(name, pair.moving, image, pair.moving_label, label))
+    return out
+
+
 def run_method(method: str, pair: Pair, ctx: Context, fixed_label: np.ndarray, label_ids: list[int]) -> dict:
     """Run, score and sanity-check one method; a failure becomes a ``failed`` entry with its last error line."""
     started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -824,13 +845,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="aligned: the pairs as given; misaligned: each moving subject moved by a seeded world affine and written "
         "on another grid (benchmarks/misaligned_cases.py; Greedy then runs its affine stage first); contrast: the "
         "moving image remapped to another contrast (benchmarks/contrast_cases.py; Greedy with NMI); both: remapped "
-        "and moved",
+        "and moved; warp: each moving subject and a copy of it moved by a known smooth diffeomorphism "
+        "(benchmarks/warp_cases.py, --warp_magnitudes)",
     )
     parser.add_argument("--case_seeds", default="0,1,2", help="seeds of the generated cases (one pair each)")
     parser.add_argument(
         "--contrasts",
         default="pd,t2",
         help="contrast and both cases: the moving image's contrast kinds (benchmarks/contrast_cases.py: pd, t2)",
+    )
+    parser.add_argument(
+        "--warp_magnitudes",
+        default="4,8,12",
+        help="warp cases: the largest velocity in the brain, voxels (benchmarks/warp_cases.py), one case per seed",
     )
     args = parser.parse_args(argv)
     if args.reverse:
@@ -876,6 +903,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif args.case in CONTRAST_CASES:
         kinds = [k.strip() for k in args.contrasts.split(",") if k.strip()]
         pairs = contrast_pairs(pairs, output_dir / "cases", seeds, kinds, moved=args.case == "both")
+    elif args.case == "warp":
+        magnitudes = [float(v) for v in args.warp_magnitudes.split(",") if v.strip()]
+        pairs = warp_pairs(pairs, output_dir / "cases", seeds, magnitudes)
     eval_labels = args.eval_labels or (None if args.datalist else default_eval_labels(args.data))
     label_filter = resolve_label_ids(eval_labels)
 
@@ -896,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "eval_labels": eval_labels,
         "case": args.case,
         "greedy_settings": (GREEDY_MULTIMODAL_SETTINGS if args.case in CONTRAST_CASES else GREEDY_SETTINGS)[3]
-        + (" after its affine stage (-a -dof 12)" if args.case != "aligned" else ""),
+        + (" after its affine stage (-a -dof 12)" if args.case in MOVED_CASES else ""),
         "greedy_settings_2d": f"{GREEDY_SETTINGS[2]} (Greedy2D, -d 2)",
         "greedy_warp_precision": "Greedy default (-wp 0.1 voxel)"
         if args.greedy_warp_precision is None
@@ -953,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     bundle_ckpt=args.bundle_ckpt,
                     bundle_timeout=args.bundle_timeout,
                     greedy_warp_precision=args.greedy_warp_precision,
-                    greedy_affine=args.case != "aligned",
+                    greedy_affine=args.case in MOVED_CASES,
                     greedy_multimodal=args.case in CONTRAST_CASES,
                 )
                 pair_result["methods"][method] = run_method(method, pair, ctx, fixed_label, label_ids)

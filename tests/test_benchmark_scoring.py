@@ -290,3 +290,34 @@ def test_ants_reads_the_2d_field_as_the_benchmark_does(tmp_path):
         fixed, ants.image_read(files["moving_label"]), [files["warp"]], interpolator="nearestNeighbor"
     )
     np.testing.assert_array_equal(np.rint(warped.numpy()).astype(np.int32), _labels_2d()[1])
+
+
+def test_known_warp_cases_are_seeded_smooth_invertible_and_keep_the_grid(tmp_path):
+    """The validation protocol's known-warp cases (issue 31): the moving copy is the subject under a smooth
+    diffeomorphism of the asked size, on the subject's own grid, the same for a seed and different across seeds."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import json
+
+    from warp_cases import make_warp_case
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 44, 36), dtype=np.float32)
+    image[6:34, 6:38, 6:30] = 0.5 + 0.5 * rng.random((28, 32, 24), dtype=np.float32)
+    labels = np.zeros(image.shape, dtype=np.int16)
+    labels[8:20, 8:40, 8:28], labels[20:32, 8:40, 8:28] = 3, 17
+    for name, array in (("image", image), ("label", labels)):
+        nib.save(nib.Nifti1Image(array, AFFINE), str(tmp_path / f"s_{name}.nii.gz"))
+    cases = [
+        make_warp_case(str(tmp_path / "s_image.nii.gz"), str(tmp_path / "s_label.nii.gz"), str(tmp_path), 3.0, seed, n)
+        for seed, n in ((0, "a"), (0, "b"), (1, "c"))
+    ]
+    read = [[np.asarray(nib.load(path).dataobj) for path in case] for case in cases]
+    assert np.array_equal(read[0][0], read[1][0]) and np.array_equal(read[0][1], read[1][1])  # seeded
+    assert not np.array_equal(read[0][0], read[2][0])
+    warped_image = nib.load(cases[0][0])
+    assert warped_image.shape == image.shape and np.allclose(warped_image.affine, AFFINE)
+    assert set(np.unique(read[0][1])) <= {0, 3, 17} and read[0][1].dtype == labels.dtype
+    assert not np.array_equal(read[0][1], labels)  # it moved
+    description = json.loads((tmp_path / "a.json").read_text())
+    assert 2.5 <= description["largest_displacement_voxels"] <= 3.5
+    assert description["folded_fraction"] == 0.0

@@ -209,6 +209,25 @@ def test_refinement_settings_are_checked():
         VelocityRefiner(levels=(4, 2), iterations=(10,))
     with pytest.raises(ValueError, match="levels must be >= 1"):
         VelocityRefiner(levels=(0,), iterations=(10,))
+    with pytest.raises(ValueError, match="one positive step for all levels"):
+        VelocityRefiner(levels=(4, 2), iterations=(10, 5), learning_rate=(0.1, 0.1, 0.1))
+    with pytest.raises(ValueError, match="one positive step for all levels"):
+        VelocityRefiner(levels=(4, 2), iterations=(10, 5), learning_rate=(0.1, 0.0))
+
+
+def test_a_learning_rate_per_level_sets_each_levels_step():
+    """Adam moves each component by about the learning rate an iteration: a level with a tiny step leaves the field
+    where the level before left it, and a level's larger step carries it further."""
+    moving, fixed = _synthetic_pair((16, 16, 16))
+    start = torch.zeros(1, 3, 16, 16, 16)
+    first_only, _ = VelocityRefiner(levels=(2,), iterations=(10,), learning_rate=0.1)(start, moving, fixed)
+    frozen_second, _ = VelocityRefiner(levels=(2, 1), iterations=(10, 10), learning_rate=(0.1, 1e-9))(
+        start, moving, fixed
+    )
+    torch.testing.assert_close(frozen_second, first_only, atol=1e-6, rtol=0)
+    slow, _ = VelocityRefiner(levels=(2,), iterations=(5,), learning_rate=0.05)(start, moving, fixed)
+    fast, _ = VelocityRefiner(levels=(2,), iterations=(5,), learning_rate=(0.2,))(start, moving, fixed)
+    assert 0 < slow.abs().max() <= 1.05 * 5 * 0.05 < fast.abs().max() <= 1.05 * 5 * 0.2
 
 
 def test_downsample_image_averages_blocks():

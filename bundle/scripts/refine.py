@@ -88,7 +88,9 @@ class VelocityRefiner:
         levels: downsampling factors of the images at each level, coarse to fine (e.g. ``(4, 2)``: quarter then half
             resolution); a level finer than the velocity's own grid resamples ``v`` up to it (costly in 3D).
         iterations: Adam iterations per level; all zero (``--refine_iterations 0``) leaves ``v`` as it is.
-        learning_rate: Adam step, in voxels of the velocity grid.
+        learning_rate: Adam step, in voxels of the velocity grid: one for all levels or one per level. Adam moves
+            each velocity component by at most about this much an iteration, so ``learning_rate x iterations`` of
+            a level bounds how far it can carry the field (40 x 0.1 = 4 voxels = 8 mm on the brain's 2 mm grid).
         kernel_size: LNCC window, in voxels of each level's grid.
         similarity: ``lncc`` (one contrast: the training objective), ``mind`` (contrast-invariant: MIND-SSC
             descriptors, the fixed image's once per level, the warped moving image's at each iteration;
@@ -96,6 +98,10 @@ class VelocityRefiner:
         mind_radius, mind_dilation: the descriptors' patch half-width and neighbour distance, voxels of each level.
         regularization_weight: ``λ`` of the bending energy of the level's displacement field.
         integration_steps: scaling-and-squaring steps (the network's own count).
+        start: ``given`` starts from the field it is handed (the network's); ``best`` from that field or the
+            identity (``v = 0``), whichever has the lower loss at the first level: the network was trained on pairs
+            of two subjects and can start a pair that is nearly aligned, or a copy of one subject, further from its
+            answer than no deformation at all (one loss evaluation more).
         differentiated_squarings: differentiate only the last ``K`` squarings of each integration (the value stays
             exact; see ``scripts.integrate.integrate_velocity``), ``None`` all: fewer ``grid_sample`` backward
             passes, the bulk of each iteration's cost on a CPU.
@@ -111,7 +117,7 @@ class VelocityRefiner:
         self,
         levels: Sequence[int] = (4, 2),
         iterations: Sequence[int] | int = (40, 15),
-        learning_rate: float = 0.1,
+        learning_rate: float | Sequence[float] = 0.1,
         kernel_size: int = 5,
         regularization_weight: float = 1.0,
         integration_steps: int = 5,
@@ -119,6 +125,7 @@ class VelocityRefiner:
         similarity: str = "lncc",
         mind_radius: int = 1,
         mind_dilation: int = 2,
+        start: str = "given",
     ) -> None:
         levels = [int(level) for level in levels]
         if isinstance(iterations, int):
@@ -129,13 +136,22 @@ class VelocityRefiner:
         if any(level < 1 for level in levels) or any(n < 0 for n in iterations):
             raise ValueError(f"refinement levels must be >= 1 and iterations >= 0, got {levels}, {iterations}")
         self.levels, self.iterations = levels, iterations
-        self.learning_rate, self.regularization_weight = float(learning_rate), float(regularization_weight)
+        rates = [learning_rate] * len(levels) if isinstance(learning_rate, (int, float)) else list(learning_rate)
+        if len(rates) != len(levels) or any(float(rate) <= 0 for rate in rates):
+            raise ValueError(
+                f"refine_learning_rate {learning_rate} needs one positive step for all levels or per level"
+            )
+        self.learning_rates = [float(rate) for rate in rates]
+        self.learning_rate, self.regularization_weight = self.learning_rates[0], float(regularization_weight)
         self.integration_steps = int(integration_steps)
         self.differentiated_squarings = None if differentiated_squarings is None else int(differentiated_squarings)
         self.kernel_size = int(kernel_size)
         if similarity not in SIMILARITIES:
             raise ValueError(f"refinement similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
+        if start not in ("given", "best"):
+            raise ValueError(f"refinement start must be 'given' or 'best', got {start!r}")
+        self.start = start
         self.mind = MINDSSCLoss(mind_radius, mind_dilation)
         self.mutual_information = _GlobalMI()
         self.regularization = FastBendingEnergyLoss()  # MONAI's BendingEnergyLoss, gradient written out
@@ -229,16 +245,20 @@ class VelocityRefiner:
         if not self.enabled:
             report["seconds"] = 0.0
             return Refinement(field, report, None)
-        parameter = torch.nn.Parameter(field)
         field_grid = identity_grid(field.shape[2:], field.device)
+        if self.start == "best":
+            field = self._best_start(field, moving, fixed, field_factor, field_grid, report)
+        parameter = torch.nn.Parameter(field)
         # fused: one kernel per step instead of a dozen passes over the field (benchmarks/cpu_kernels.py)
         fused = parameter.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
         integrated = None
         with torch.enable_grad():
-            for factor, count in zip(self.levels, self.iterations):
+            for factor, count, rate in zip(self.levels, self.iterations, self.learning_rates):
                 if count == 0:
                     continue
+                for group in optimizer.param_groups:  # the moments carry over; only the step changes per level
+                    group["lr"] = rate
                 level_start = time.perf_counter()
                 moving_level = downsample_image(moving.float(), factor)
                 fixed_level = downsample_image(fixed.float(), factor)
@@ -270,3 +290,26 @@ class VelocityRefiner:
                 )
         report["seconds"] = time.perf_counter() - start
         return Refinement(parameter.detach(), report, integrated)
+
+    def _best_start(
+        self,
+        field: torch.Tensor,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        field_factor: int,
+        field_grid: torch.Tensor,
+        report: dict,
+    ) -> torch.Tensor:
+        """``field`` or zeros, whichever has the lower loss on the first level with iterations (``start='best'``);
+        the report records both losses and the choice."""
+        factor = next(level for level, count in zip(self.levels, self.iterations) if count > 0)
+        moving_level, fixed_level = downsample_image(moving.float(), factor), downsample_image(fixed.float(), factor)
+        inputs = (moving_level, fixed_level, field_factor, factor, None, field_grid)
+        with torch.no_grad():
+            losses = {
+                name: float(self.level_loss(candidate, *inputs)[0])
+                for name, candidate in (("given", field), ("identity", torch.zeros_like(field)))
+            }
+        report["start"] = min(losses, key=losses.get)
+        report["start_losses"] = losses
+        return field if report["start"] == "given" else torch.zeros_like(field)
