@@ -98,10 +98,6 @@ class VelocityRefiner:
         mind_radius, mind_dilation: the descriptors' patch half-width and neighbour distance, voxels of each level.
         regularization_weight: ``λ`` of the bending energy of the level's displacement field.
         integration_steps: scaling-and-squaring steps (the network's own count).
-        start: ``given`` starts from the field it is handed (the network's); ``best`` from that field or the
-            identity (``v = 0``), whichever has the lower loss at the first level: the network was trained on pairs
-            of two subjects and can start a pair that is nearly aligned, or a copy of one subject, further from its
-            answer than no deformation at all (one loss evaluation more).
         differentiated_squarings: differentiate only the last ``K`` squarings of each integration (the value stays
             exact; see ``scripts.integrate.integrate_velocity``), ``None`` all: fewer ``grid_sample`` backward
             passes, the bulk of each iteration's cost on a CPU.
@@ -125,7 +121,6 @@ class VelocityRefiner:
         similarity: str = "lncc",
         mind_radius: int = 1,
         mind_dilation: int = 2,
-        start: str = "given",
     ) -> None:
         levels = [int(level) for level in levels]
         if isinstance(iterations, int):
@@ -149,9 +144,6 @@ class VelocityRefiner:
         if similarity not in SIMILARITIES:
             raise ValueError(f"refinement similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
-        if start not in ("given", "best"):
-            raise ValueError(f"refinement start must be 'given' or 'best', got {start!r}")
-        self.start = start
         self.mind = MINDSSCLoss(mind_radius, mind_dilation)
         self.mutual_information = _GlobalMI()
         self.regularization = FastBendingEnergyLoss()  # MONAI's BendingEnergyLoss, gradient written out
@@ -246,8 +238,6 @@ class VelocityRefiner:
             report["seconds"] = 0.0
             return Refinement(field, report, None)
         field_grid = identity_grid(field.shape[2:], field.device)
-        if self.start == "best":
-            field = self._best_start(field, moving, fixed, field_factor, field_grid, report)
         parameter = torch.nn.Parameter(field)
         # fused: one kernel per step instead of a dozen passes over the field (benchmarks/cpu_kernels.py)
         fused = parameter.device.type in ("cpu", "cuda")
@@ -290,26 +280,3 @@ class VelocityRefiner:
                 )
         report["seconds"] = time.perf_counter() - start
         return Refinement(parameter.detach(), report, integrated)
-
-    def _best_start(
-        self,
-        field: torch.Tensor,
-        moving: torch.Tensor,
-        fixed: torch.Tensor,
-        field_factor: int,
-        field_grid: torch.Tensor,
-        report: dict,
-    ) -> torch.Tensor:
-        """``field`` or zeros, whichever has the lower loss on the first level with iterations (``start='best'``);
-        the report records both losses and the choice."""
-        factor = next(level for level, count in zip(self.levels, self.iterations) if count > 0)
-        moving_level, fixed_level = downsample_image(moving.float(), factor), downsample_image(fixed.float(), factor)
-        inputs = (moving_level, fixed_level, field_factor, factor, None, field_grid)
-        with torch.no_grad():
-            losses = {
-                name: float(self.level_loss(candidate, *inputs)[0])
-                for name, candidate in (("given", field), ("identity", torch.zeros_like(field)))
-            }
-        report["start"] = min(losses, key=losses.get)
-        report["start_losses"] = losses
-        return field if report["start"] == "given" else torch.zeros_like(field)
