@@ -8,6 +8,7 @@ hand from the affine, not with the formula under test. ANTs / Greedy parts run o
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import nibabel as nib
@@ -321,3 +322,33 @@ def test_known_warp_cases_are_seeded_smooth_invertible_and_keep_the_grid(tmp_pat
     description = json.loads((tmp_path / "a.json").read_text())
     assert 2.5 <= description["largest_displacement_voxels"] <= 3.5
     assert description["folded_fraction"] == 0.0
+
+
+def test_validation_pairs_list_both_directions_and_every_warp_case(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import csv
+
+    from validation_pairs import write_validation_pairs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for subject in ("subject_v", "subject_w"):
+        image = np.zeros((24, 20, 22), dtype=np.float32)
+        image[4:20, 4:16, 4:18] = 0.5 + 0.5 * rng.random((16, 12, 14), dtype=np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / f"{subject}_image.nii.gz"))
+        nib.save(nib.Nifti1Image((image > 0.75).astype(np.int16) * 2, np.eye(4)), str(data / f"{subject}_label.nii.gz"))
+    rows = list(csv.DictReader(open(write_validation_pairs(str(tmp_path / "out"), str(data), [2.0, 3.0], 0))))
+    assert [row["pair_id"] for row in rows] == [
+        "v_to_w",
+        "w_to_v",
+        "subject_v_warp2_seed0",
+        "subject_v_warp3_seed0",
+        "subject_w_warp2_seed0",
+        "subject_w_warp3_seed0",
+    ]
+    assert rows[0]["fixed_image"].endswith("w_image.nii.gz") and rows[0]["moving_label"].endswith("v_label.nii.gz")
+    assert rows[2]["fixed_image"] == str(data / "subject_v_image.nii.gz")
+    assert all(os.path.isfile(row[key]) for row in rows for key in ("fixed_image", "moving_image", "moving_label"))
+    with pytest.raises(FileNotFoundError, match="subject_v_image"):
+        write_validation_pairs(str(tmp_path / "none"), str(tmp_path), [2.0], 0)

@@ -1,0 +1,67 @@
+"""The validation protocol's pairs as a ``batch_inference`` pairs.csv: v ↔ w and the known-warp cases of v and w.
+
+    python benchmarks/validation_pairs.py OUTPUT_DIR [--data ../shared/data/oasis3d_train] [--magnitudes 4,8,12]
+        [--seed 0]
+
+Writes the warp cases (``warp_cases.make_warp_case``, as ``oasis_benchmark.py --case warp`` makes them) and
+``OUTPUT_DIR/pairs.csv`` (absolute paths), so that a refinement setting is scored on all of them in one process:
+
+    python -m monai.bundle run batch_inference \\
+        --config_file "['bundle/configs/inference.yaml','bundle/configs/batch_inference.yaml']" \\
+        --pairs OUTPUT_DIR/pairs.csv --outputs metrics --eval_label_ids ../shared/data/oasis3d/eval_labels.json \\
+        --output_dir O [overrides]
+
+Only the labelled *training* subjects are used (never a test subject).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from warp_cases import MAGNITUDES, make_warp_case  # noqa: E402
+
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "oasis3d_train")
+SUBJECTS = ("subject_v", "subject_w")
+
+
+def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) -> str:
+    """Write the cases and ``pairs.csv``; returns the csv's path."""
+    paths = {s: (os.path.join(data, f"{s}_image.nii.gz"), os.path.join(data, f"{s}_label.nii.gz")) for s in SUBJECTS}
+    for image, label in paths.values():
+        for path in (image, label):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"validation subject file not found: {path}")
+    (v_image, v_label), (w_image, w_label) = paths[SUBJECTS[0]], paths[SUBJECTS[1]]
+    rows = [(w_image, v_image, w_label, v_label, "v_to_w"), (v_image, w_image, v_label, w_label, "w_to_v")]
+    for subject, (image, label) in paths.items():
+        for magnitude in magnitudes:
+            name = f"{subject}_warp{magnitude:g}_seed{seed}"
+            folder = os.path.join(output_dir, subject)
+            moved_image, moved_label = make_warp_case(image, label, folder, magnitude, seed, name)
+            rows.append((image, os.path.abspath(moved_image), label, os.path.abspath(moved_label), name))
+    csv_path = os.path.join(output_dir, "pairs.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
+        writer.writerows([[os.path.abspath(p) for p in row[:4]] + [row[4]] for row in rows])
+    return csv_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--magnitudes", default=",".join(f"{m:g}" for m in MAGNITUDES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    magnitudes = [float(v) for v in args.magnitudes.split(",") if v.strip()]
+    print(write_validation_pairs(args.output_dir, args.data, magnitudes, args.seed))
+
+
+if __name__ == "__main__":
+    main()
