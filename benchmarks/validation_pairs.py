@@ -11,7 +11,9 @@ Writes the warp cases (``warp_cases.make_warp_case``, as ``oasis_benchmark.py --
         --pairs OUTPUT_DIR/pairs.csv --outputs metrics --eval_label_ids ../shared/data/oasis3d/eval_labels.json \\
         --output_dir O [overrides]
 
-Only the labelled *training* subjects are used (never a test subject).
+Only the labelled *training* subjects are used (never a test subject). ``--cohort2d`` writes instead the 2D
+model's validation pairs: the ring (subject i onto subject i + 1) of the 20 validation subjects of
+``bundle/datalists/oasis2d_train.json``, as ``OUTPUT_DIR/pairs2d.csv``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from warp_cases import MAGNITUDES, make_warp_case  # noqa: E402
 
+COHORT2D_DATALIST = Path(__file__).resolve().parents[1] / "bundle" / "datalists" / "oasis2d_train.json"
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "oasis3d_train")
 SUBJECTS = ("subject_v", "subject_w")
 
@@ -52,13 +55,37 @@ def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) ->
     return csv_path
 
 
+def write_cohort2d_validation_pairs(output_dir: str, datalist: Path = COHORT2D_DATALIST) -> str:
+    """The ring of the datalist's validation subjects as ``pairs2d.csv`` (absolute paths); returns its path."""
+    import json
+
+    subjects = json.loads(Path(datalist).read_text())["validation"]
+    resolve = lambda p: str((Path(datalist).parent / p).resolve())  # noqa: E731
+    stem = lambda p: Path(p).name.split("_image")[0]  # noqa: E731
+    os.makedirs(output_dir, exist_ok=True)
+    csv_path = os.path.join(output_dir, "pairs2d.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
+        for i, moving in enumerate(subjects):
+            fixed = subjects[(i + 1) % len(subjects)]
+            # fixed_image, moving_image, fixed_label, moving_label
+            paths = [resolve(side[key]) for key in ("image", "label") for side in (fixed, moving)]
+            writer.writerow(paths + [f"{stem(moving['image'])}_to_{stem(fixed['image'])}"])
+    return csv_path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--magnitudes", default=",".join(f"{m:g}" for m in MAGNITUDES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cohort2d", action="store_true", help="the 2D cohort's validation ring instead")
     args = parser.parse_args()
+    if args.cohort2d:
+        print(write_cohort2d_validation_pairs(args.output_dir))
+        return
     magnitudes = [float(v) for v in args.magnitudes.split(",") if v.strip()]
     print(write_validation_pairs(args.output_dir, args.data, magnitudes, args.seed))
 
