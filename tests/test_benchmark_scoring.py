@@ -12,6 +12,8 @@ import os
 import sys
 
 import nibabel as nib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import REPO
@@ -352,3 +354,18 @@ def test_validation_pairs_list_both_directions_and_every_warp_case(tmp_path):
     assert all(os.path.isfile(row[key]) for row in rows for key in ("fixed_image", "moving_image", "moving_label"))
     with pytest.raises(FileNotFoundError, match="subject_v_image"):
         write_validation_pairs(str(tmp_path / "none"), str(tmp_path), [2.0], 0)
+
+
+def test_cohort2d_validation_pairs_are_the_ring_of_the_validation_subjects(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import csv
+    import json
+
+    from validation_pairs import COHORT2D_DATALIST, write_cohort2d_validation_pairs
+
+    rows = list(csv.DictReader(open(write_cohort2d_validation_pairs(str(tmp_path)))))
+    validation = [Path(s["image"]).name for s in json.loads(COHORT2D_DATALIST.read_text())["validation"]]
+    assert len(rows) == len(validation) == 20
+    assert [Path(row["moving_image"]).name for row in rows] == validation
+    assert [Path(row["fixed_image"]).name for row in rows] == validation[1:] + validation[:1]
+    assert all(row["fixed_label"].endswith("_label.nii.gz") and "_to_" in row["pair_id"] for row in rows)
