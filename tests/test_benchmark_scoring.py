@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-
-import nibabel as nib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO
