@@ -651,14 +651,14 @@ def warp_pairs(pairs: list[Pair], folder: Path, seeds: Sequence[int], magnitudes
     known smooth diffeomorphism (moving; ``warp_cases.make_warp_case``, the files kept in ``folder``). With
     ``--directions both`` each subject of the datalist's pairs is warped."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from warp_cases import make_warp_case
+    from warp_cases import make_warp_case, warp_case_name
 
     out = []
     for pair in pairs:
         subject = Path(pair.moving).name.split(".")[0].removesuffix("_image")
         for magnitude in magnitudes:
             for seed in seeds:
-                name = f"{subject}_warp{magnitude:g}_seed{seed}"
+                name = warp_case_name(subject, magnitude, seed)
                 image, label = make_warp_case(
                     pair.moving, pair.moving_label, str(folder / subject), magnitude, seed, name=name
                 )

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from warp_cases import MAGNITUDES, make_warp_case  # noqa: E402
+from warp_cases import MAGNITUDES, make_warp_case, warp_case_name  # noqa: E402
 
 COHORT2D_DATALIST = Path(__file__).resolve().parents[1] / "bundle" / "datalists" / "oasis2d_train.json"
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "oasis3d_train")
@@ -43,7 +44,7 @@ def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) ->
     rows = [(w_image, v_image, w_label, v_label, "v_to_w"), (v_image, w_image, v_label, w_label, "w_to_v")]
     for subject, (image, label) in paths.items():
         for magnitude in magnitudes:
-            name = f"{subject}_warp{magnitude:g}_seed{seed}"
+            name = warp_case_name(subject, magnitude, seed)
             folder = os.path.join(output_dir, subject)
             moved_image, moved_label = make_warp_case(image, label, folder, magnitude, seed, name)
             rows.append((image, os.path.abspath(moved_image), label, os.path.abspath(moved_label), name))
@@ -57,8 +58,6 @@ def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) ->
 
 def write_cohort2d_validation_pairs(output_dir: str, datalist: Path = COHORT2D_DATALIST) -> str:
     """The ring of the datalist's validation subjects as ``pairs2d.csv`` (absolute paths); returns its path."""
-    import json
-
     subjects = json.loads(Path(datalist).read_text())["validation"]
     resolve = lambda p: str((Path(datalist).parent / p).resolve())  # noqa: E731
     stem = lambda p: Path(p).name.split("_image")[0]  # noqa: E731

@@ -30,6 +30,11 @@ SQUARINGS = 7
 MAGNITUDES = (4.0, 8.0, 12.0)  # voxels: the default sizes of oasis_benchmark.py --case warp
 
 
+def warp_case_name(subject: str, magnitude: float, seed: int) -> str:
+    """The case's file stem, shared by ``oasis_benchmark.py --case warp`` and ``validation_pairs.py``."""
+    return f"{subject}_warp{magnitude:g}_seed{seed}"
+
+
 def _warp_components(field: np.ndarray, displacement: np.ndarray, order: int = 1) -> np.ndarray:
     """``field`` (``(C, *spatial)``) sampled at ``x + displacement(x)``, edge values beyond the grid."""
     grid = np.indices(displacement.shape[1:], dtype=np.float32) + displacement

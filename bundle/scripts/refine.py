@@ -237,8 +237,8 @@ class VelocityRefiner:
         if not self.enabled:
             report["seconds"] = 0.0
             return Refinement(field, report, None)
-        field_grid = identity_grid(field.shape[2:], field.device)
         parameter = torch.nn.Parameter(field)
+        field_grid = identity_grid(field.shape[2:], field.device)
         # fused: one kernel per step instead of a dozen passes over the field (benchmarks/cpu_kernels.py)
         fused = parameter.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam([parameter], lr=self.learning_rate, fused=fused)
