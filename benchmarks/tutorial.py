@@ -7,6 +7,10 @@
     python benchmarks/tutorial.py semi-supervised  # synthetic 2D brains: Dice loss on some of the structures
     python benchmarks/tutorial.py brains2d       # step 2: train on synthetic 2D brains, register them and real slices
     python benchmarks/tutorial.py limited-data-brains  # 2 ... 64 synthetic training brains: Dice on the same tests
+    python benchmarks/tutorial.py cohort-limited-data  # the real 2D cohort: 2 ... 365 training subjects
+    python benchmarks/tutorial.py cohort-regularization   # the real cohort: λ over two decades
+    python benchmarks/tutorial.py cohort-semi-supervised  # the real cohort: Dice loss on 6 of the structures
+    python benchmarks/tutorial.py cohort-amortized  # the real cohort: network, + refinement, refinement alone
 
 ``mnist`` runs ``python -m monai.bundle run training`` with ``train.yaml + mnist.yaml`` as a user would (into
 ``--work``), then registers held-out test pairs with the trained model and draws moving / fixed / warped / grid
@@ -56,6 +60,16 @@ BRAIN_TRAIN_SIZES = [2, 4, 8, 16, 64]
 SMOKE_OVERRIDES: dict = {}
 TRAINING = [str(CONFIGS / "train.yaml"), str(CONFIGS / "mnist.yaml")]
 sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import tutorial_cohort  # noqa: E402
+
+# the analyses on the real 2D cohort (benchmarks/tutorial_cohort.py); cohort-amortized trains nothing
+COHORT_EXPERIMENTS = {
+    "cohort-limited-data": tutorial_cohort.limited_data,
+    "cohort-regularization": tutorial_cohort.regularization,
+    "cohort-semi-supervised": tutorial_cohort.semi_supervised,
+    "cohort-amortized": tutorial_cohort.amortized,
+}
 
 
 def bundle(run_id: str, configs: list[str], overrides: dict, threads: int) -> str:
@@ -501,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
             "semi-supervised",
             "brains2d",
             "limited-data-brains",
+            *COHORT_EXPERIMENTS,
         ],
     )
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "tutorial"), help="runs, models and data")
@@ -508,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sweep_epochs", type=int, default=5, help="epochs per model of the sweeps")
     parser.add_argument("--brain_epochs", type=int, default=40, help="epochs per synthetic-brain model")
+    parser.add_argument("--cohort_epochs", type=int, default=12, help="epochs (x 160 pairs) per real-cohort model")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument(
         "--redraw", action="store_true", help="limited-data-brains: redraw its figure from <work>/tutorial_results.json"
@@ -537,6 +553,13 @@ def main(argv: list[str] | None = None) -> None:
         draw_limited_data_brains(results["limited_data_brains"], args.brain_epochs)
     elif args.experiment == "limited-data-brains":
         results["limited_data_brains"] = limited_data_brains(work, args.threads, args.brain_epochs)
+    elif args.experiment == "cohort-amortized":
+        results["cohort_amortized"] = tutorial_cohort.amortized(work, args.threads, Path(args.data), bundle, FIGURES)
+    elif args.experiment in COHORT_EXPERIMENTS:
+        analysis = COHORT_EXPERIMENTS[args.experiment]
+        results[args.experiment.replace("-", "_")] = analysis(
+            work, args.threads, args.cohort_epochs, Path(args.data), train_and_test, FIGURES
+        )
     else:
         if not (work / "models" / "model.pt").is_file():
             raise SystemExit(f"no MNIST model in {work / 'models'}: run `python benchmarks/tutorial.py mnist` first")
