@@ -3,6 +3,7 @@
     python benchmarks/template.py synthetic    # synthetic 2D brains: sharpness, atlas-based segmentation, centrality
     python benchmarks/template.py mnist        # conditional template: one MNIST template per digit class
     python benchmarks/template.py sizes        # conditional template of synthetic brains of three known sizes
+    python benchmarks/template.py cohort       # the real 2D cohort: template, mean image, atlas-based segmentation
 
 ``synthetic`` trains the template overlay on the default synthetic 2D data twice with the bundle CLI, as a user would
 (``--centrality_weight 0`` and the default), then, with the trained network of the default run:
@@ -92,8 +93,11 @@ def _batch(tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segmentation_dice(network, atlas_image, atlas_label, subjects, register: bool = True) -> float:
-    """Mean over ``subjects`` of the mean Dice (labels present in both) of the atlas labels moved onto each subject."""
+def segmentation_dice(
+    network, atlas_image, atlas_label, subjects, register: bool = True, label_ids: list[int] | None = None
+) -> float:
+    """Mean over ``subjects`` of the mean Dice (labels present in both, among ``label_ids`` when given) of the atlas
+    labels moved onto each subject."""
     from monai.networks.blocks import Warp
 
     from scripts.metrics import dice_per_label, labels_to_score
@@ -107,7 +111,7 @@ def segmentation_dice(network, atlas_image, atlas_label, subjects, register: boo
             label = warp(label, network(torch.cat([_batch(atlas_image), fixed], dim=1)))
         fixed_label = subject["label"][0].numpy().round().astype(np.int32)
         moved = label[0, 0].numpy().round().astype(np.int32)
-        ids = labels_to_score(fixed_label, moved, None)
+        ids = labels_to_score(fixed_label, moved, label_ids)
         scores.append(float(np.mean(list(dice_per_label(fixed_label, moved, ids).values()))))
     return float(np.mean(scores))
 
@@ -125,6 +129,95 @@ def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
 
     a, b = np.asarray(a).round().astype(np.int32), np.asarray(b).round().astype(np.int32)
     return float(np.mean(list(dice_per_label(a, b, labels_to_score(a, b, None)).values())))
+
+
+def atlas_segmentation(network, atlas, mean, mean_label, train, test, label_ids=None) -> dict:
+    """Atlas-based segmentation of ``test``, unregistered and registered: the learned template with its labels, the
+    voxel-wise mean with the majority of the unregistered training labels, and each ``train`` subject with its own
+    labels (mean, worst and best over them)."""
+    rows = {}
+    for register in (False, True):
+        per_subject = [segmentation_dice(network, s["image"], s["label"], test, register, label_ids) for s in train]
+        rows["registered" if register else "unregistered"] = {
+            "learned template": segmentation_dice(network, atlas["image"], atlas["label"], test, register, label_ids),
+            "mean image": segmentation_dice(network, mean, mean_label, test, register, label_ids),
+            "random subject (mean)": float(np.mean(per_subject)),
+            "random subject (worst)": float(np.min(per_subject)),
+            "random subject (best)": float(np.max(per_subject)),
+        }
+    return rows
+
+
+def print_atlas_tables(results: dict, train_subjects: int, test_subjects: int) -> None:
+    print(f"\n{train_subjects} training subjects, {test_subjects} held-out test subjects\n")
+    print("| image | sharpness (RMS gradient, intensity per voxel) |\n|---|---|")
+    print(f"| voxel-wise mean | {results['sharpness']['mean']:.4f} |")
+    print(f"| learned template | {results['sharpness']['learned']:.4f} |")
+    rows = results["segmentation"]
+    print("\n| atlas | Dice, unregistered | Dice, registered |\n|---|---|---|")
+    for name in rows["registered"]:
+        print(f"| {name} | {rows['unregistered'][name]:.3f} | {rows['registered'][name]:.3f} |")
+
+
+def draw_panels(panels: list, path: Path, vmax_labels: float) -> None:
+    """One row of images (``(title, array, colormap)``), grey ones in [0, 1], label maps in [0, ``vmax_labels``]."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    for axis, (title, image, cmap) in zip(axes, panels):
+        vmax = 1.0 if cmap == "gray" else vmax_labels
+        axis.imshow(np.rot90(np.squeeze(image)), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def cohort(work: Path, threads: int, epochs: int, data: Path, atlas_subjects: int = 40) -> dict:
+    """The learned template of the real 2D cohort (all 365 training subjects of ``oasis2d_train.json``, trained from
+    scratch through ``train.yaml + oasis2d.yaml + template.yaml``) beside the voxel-wise mean, and atlas-based
+    segmentation of the 20 cohort-test subjects through it, against the mean image and against single training
+    subjects (the first ``atlas_subjects`` of the training section) as atlases; Dice over ``eval_labels.json``."""
+    import tutorial_cohort
+
+    from scripts.template import mean_image, sharpness
+
+    tutorial_cohort.require_cohort(data)
+    configs = [str(CONFIGS / "train.yaml"), str(CONFIGS / "oasis2d.yaml"), str(CONFIGS / "template.yaml")]
+    label_file = data / "oasis3d" / "eval_labels.json"
+    overrides = {
+        "datalist": tutorial_cohort.cohort_datalist(work / "cohort_datalists"),
+        "output_dir": work / "cohort",
+        **tutorial_cohort.FROM_SCRATCH,
+        **({"eval_label_ids": label_file} if label_file.is_file() else {}),
+    }
+    if epochs:
+        overrides.update(max_epochs=epochs, val_interval=epochs, template_interval=epochs)
+    bundle("training", configs, overrides, threads)
+    run_dir = latest_run(work / "cohort")
+    parser, network, train, test, preprocessing = load_run(configs, overrides, run_dir)
+    label_ids = json.loads(label_file.read_text())["labels"] if label_file.is_file() else None
+    atlas = preprocessing(
+        {
+            "image": str(run_dir / "template" / "template.nii.gz"),
+            "label": str(run_dir / "template" / "template_label.nii.gz"),
+        }
+    )
+    mean, mean_label = mean_image(train), mode_labels(train)
+    results: dict = {"sharpness": {"learned": sharpness(atlas["image"]), "mean": sharpness(mean)}}
+    rows = atlas_segmentation(network, atlas, mean, mean_label, train[:atlas_subjects], test, label_ids)
+    results["segmentation"] = rows
+    results["train_subjects"], results["test_subjects"] = len(train), len(test)
+    print_atlas_tables(results, len(train), len(test))
+    panels = [
+        ("voxel-wise mean", mean[0].numpy(), "gray"),
+        ("learned template", atlas["image"][0].numpy(), "gray"),
+        ("its labels (vote)", atlas["label"][0].numpy(), "nipy_spectral"),
+        ("mean image's labels", mean_label[0].numpy(), "nipy_spectral"),
+        ("a training subject", train[0]["image"][0].numpy(), "gray"),
+    ]
+    draw_panels(panels, DOCS / "template_cohort.png", 64)
+    return results
 
 
 def synthetic(work: Path, threads: int, epochs: int) -> dict:
@@ -154,18 +247,7 @@ def synthetic(work: Path, threads: int, epochs: int) -> dict:
     mean = mean_image(train)
     mean_label = mode_labels(train)
     results["sharpness"] = {"learned": sharpness(atlas["image"]), "mean": sharpness(mean)}
-    rows = {}
-    for register in (False, True):
-        key = "registered" if register else "unregistered"
-        per_subject = [segmentation_dice(network, s["image"], s["label"], test, register) for s in train]
-        rows[key] = {
-            "learned template": segmentation_dice(network, atlas["image"], atlas["label"], test, register),
-            "mean image": segmentation_dice(network, mean, mean_label, test, register),
-            "random subject (mean)": float(np.mean(per_subject)),
-            "random subject (worst)": float(np.min(per_subject)),
-            "random subject (best)": float(np.max(per_subject)),
-        }
-    results["segmentation"] = rows
+    results["segmentation"] = atlas_segmentation(network, atlas, mean, mean_label, train, test)
     datalist, base = parser.get_parsed_content("datalist"), parser.get_parsed_content("dataset_dir")
     truth = preprocessing(load_atlas(datalist, base))
     results["truth_dice"] = {
@@ -174,13 +256,7 @@ def synthetic(work: Path, threads: int, epochs: int) -> dict:
     }
     results["train_subjects"], results["test_subjects"] = len(train), len(test)
 
-    print(f"\n{len(train)} training subjects, {len(test)} held-out test subjects\n")
-    print("| image | sharpness (RMS gradient, intensity per voxel) |\n|---|---|")
-    print(f"| voxel-wise mean | {results['sharpness']['mean']:.4f} |")
-    print(f"| learned template | {results['sharpness']['learned']:.4f} |")
-    print("\n| atlas | Dice, unregistered | Dice, registered |\n|---|---|---|")
-    for name in rows["registered"]:
-        print(f"| {name} | {rows['unregistered'][name]:.3f} | {rows['registered'][name]:.3f} |")
+    print_atlas_tables(results, len(train), len(test))
     print("\n| training | mean displacement template -> subjects (voxels) |\n|---|---|")
     print(f"| without centrality (`--centrality_weight 0`) | {results['no_centrality_mean_displacement']:.3f} |")
     print(f"| with centrality (default) | {results['learned_mean_displacement']:.3f} |")
@@ -196,15 +272,7 @@ def synthetic(work: Path, threads: int, epochs: int) -> dict:
         ("generator's anatomy", truth["label"][0].numpy(), "tab10"),
         ("no centrality term", no_centrality_template, "gray"),
     ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
-    for axis, (title, image, cmap) in zip(axes, panels):
-        vmax = 1.0 if cmap == "gray" else 9
-        axis.imshow(np.rot90(np.squeeze(image)), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-        axis.set_title(title, fontsize=9)
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(DOCS / "template_synthetic.png", dpi=100)
-    plt.close(figure)
+    draw_panels(panels, DOCS / "template_synthetic.png", 9)
     return results
 
 
@@ -323,11 +391,12 @@ def mnist(work: Path, threads: int, epochs: int, reuse: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["synthetic", "mnist", "sizes"])
+    parser.add_argument("experiment", choices=["synthetic", "mnist", "sizes", "cohort"])
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "template_evidence"), help="runs and models")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=0, help="training epochs (0: the overlay's own)")
     parser.add_argument("--reuse", action="store_true", help="mnist, sizes: score the latest run in --work")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="cohort: the shared data")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -336,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if args.experiment == "synthetic":
         results["synthetic"] = synthetic(work, args.threads, args.epochs)
+    elif args.experiment == "cohort":
+        results["cohort"] = cohort(work, args.threads, args.epochs, Path(args.data))
     elif args.experiment == "sizes":
         results["sizes"] = sizes(work, args.threads, args.epochs, args.reuse)
     else:

@@ -10,7 +10,9 @@
     python benchmarks/tutorial.py cohort-limited-data  # the real 2D cohort: 2 ... 365 training subjects
     python benchmarks/tutorial.py cohort-regularization   # the real cohort: λ over two decades
     python benchmarks/tutorial.py cohort-semi-supervised  # the real cohort: Dice loss on 6 of the structures
+    python benchmarks/tutorial.py cohort-out-of-sample  # digit, skull-stripped and with-skull models, crossed
     python benchmarks/tutorial.py cohort-amortized  # the real cohort: network, + refinement, refinement alone
+    python benchmarks/tutorial.py cohort  # the five real-cohort analyses, one after the other (~1 h on 2 threads)
 
 ``mnist`` runs ``python -m monai.bundle run training`` with ``train.yaml + mnist.yaml`` as a user would (into
 ``--work``), then registers held-out test pairs with the trained model and draws moving / fixed / warped / grid
@@ -40,6 +42,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -62,12 +65,21 @@ TRAINING = [str(CONFIGS / "train.yaml"), str(CONFIGS / "mnist.yaml")]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import tutorial_cohort  # noqa: E402
+from tutorial_report import (  # noqa: E402
+    draw_grouped_bars,
+    draw_sweep,
+    observed_and_unobserved,
+    print_sweep,
+    report_observed_and_unobserved,
+    save_figure,
+)  # noqa: E402
 
 # the analyses on the real 2D cohort (benchmarks/tutorial_cohort.py); cohort-amortized trains nothing
 COHORT_EXPERIMENTS = {
     "cohort-limited-data": tutorial_cohort.limited_data,
     "cohort-regularization": tutorial_cohort.regularization,
     "cohort-semi-supervised": tutorial_cohort.semi_supervised,
+    "cohort-out-of-sample": tutorial_cohort.out_of_sample,
     "cohort-amortized": tutorial_cohort.amortized,
 }
 
@@ -132,10 +144,7 @@ def pair_figure(work: Path, path: Path, pairs: int = 5) -> None:
             axes[row, column].set_yticks([])
             if row == 0:
                 axes[row, column].set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    print(f"wrote {path}")
+    save_figure(figure, path)
 
 
 def out_of_sample(work: Path, threads: int, data: Path) -> dict:
@@ -183,20 +192,14 @@ def out_of_sample(work: Path, threads: int, data: Path) -> dict:
             f"{summary['registered_mean_dice']:.3f} | {100 * summary['registered_folding_fraction']:.3f} |"
         )
     names = list(results)
-    figure, axis = plt.subplots(figsize=(9, 3.5))
-    x = np.arange(len(names))
-    axis.bar(x - 0.2, [results[n]["identity_mean_dice"] for n in names], 0.4, label="no registration", color="0.7")
-    axis.bar(x + 0.2, [results[n]["registered_mean_dice"] for n in names], 0.4, label="digit-5 model")
-    axis.set_xticks(x)
-    axis.set_xticklabels([n.replace("OASIS brain slice", "brain") for n in names], rotation=30)
-    axis.set_ylabel("mean Dice (foreground / structures)")
-    axis.set_ylim(0, 1)
-    axis.legend()
-    axis.set_title("A model trained on 5s, registering other digits and a brain slice")
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_out_of_sample.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_out_of_sample.png'}")
+    groups = {
+        "no registration": [results[n]["identity_mean_dice"] for n in names],
+        "digit-5 model": [results[n]["registered_mean_dice"] for n in names],
+    }
+    title = "A model trained on 5s, registering other digits and a brain slice"
+    labels = [n.replace("OASIS brain slice", "brain") for n in names]
+    ylabel = "mean Dice (foreground / structures)"
+    draw_grouped_bars(groups, labels, ylabel, title, FIGURES / "tutorial_out_of_sample.png")
     return results
 
 
@@ -218,70 +221,24 @@ def train_and_test(folder: Path, configs: list[str], threads: int, epochs: int, 
 
 
 def regularization(work: Path, threads: int, epochs: int) -> dict:
-    weights = LAMBDAS
     results = {}
-    for weight in weights:
+    for weight in LAMBDAS:
         overrides = {"regularization_weight": weight, "mnist_dir": work / "mnist_digit5"}
-        summary = train_and_test(work / f"lambda_{weight:g}", TRAINING, threads, epochs, overrides)
-        results[f"{weight:g}"] = summary
-    print("| λ (bending energy) | mean Dice | folded voxels % | std log det J |")
-    print("|---|---|---|---|")
-    for weight, summary in results.items():
-        folded = 100 * summary["registered_folding_fraction"]
-        print(
-            f"| {weight} | {summary['registered_mean_dice']:.3f} | {folded:.3f} "
-            f"| {summary['registered_std_log_jacobian']:.3f} |"
-        )
-    identity = next(iter(results.values()))["identity_mean_dice"]
-    print(f"no registration: mean Dice {identity:.3f}")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.semilogx(weights, [r["registered_mean_dice"] for r in results.values()], "o-", label="mean Dice")
-    axis.axhline(identity, color="0.6", linestyle="--", label="Dice, no registration")
-    axis.set_xlabel("λ (bending energy weight)")
-    axis.set_ylabel("mean Dice")
-    other = axis.twinx()
-    other.semilogx(
-        weights,
-        [100 * r["registered_folding_fraction"] for r in results.values()],
-        "s-",
-        color="C3",
-        label="folded voxels %",
-    )
-    other.set_ylabel("folded voxels %", color="C3")
-    axis.legend(loc="lower left")
-    axis.set_title(f"Regularisation on MNIST 5s ({epochs} epochs each)")
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_regularization.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_regularization.png'}")
+        results[f"{weight:g}"] = train_and_test(work / f"lambda_{weight:g}", TRAINING, threads, epochs, overrides)
+    print_sweep(results, "λ (bending energy)")
+    title = f"Regularisation on MNIST 5s ({epochs} epochs each)"
+    draw_sweep(results, "λ (bending energy weight)", title, FIGURES / "tutorial_regularization.png", "folding")
     return results
 
 
 def limited_data(work: Path, threads: int, epochs: int) -> dict:
-    sizes = DIGIT_TRAIN_SIZES
     results = {}
-    for size in sizes:
+    for size in DIGIT_TRAIN_SIZES:
         overrides = {"datalist#num_train": size, "mnist_dir": work / f"mnist_digit5_train{size}"}
         results[str(size)] = train_and_test(work / f"train_{size}", TRAINING, threads, epochs, overrides)
-    print("| training digits | mean Dice (40 test pairs) | folded voxels % |")
-    print("|---|---|---|")
-    for size, summary in results.items():
-        print(
-            f"| {size} | {summary['registered_mean_dice']:.3f} | {100 * summary['registered_folding_fraction']:.3f} |"
-        )
-    identity = next(iter(results.values()))["identity_mean_dice"]
-    print(f"no registration: mean Dice {identity:.3f}")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.semilogx(sizes, [r["registered_mean_dice"] for r in results.values()], "o-", label="registered")
-    axis.axhline(identity, color="0.6", linestyle="--", label="no registration")
-    axis.set_xlabel("training digits (5s)")
-    axis.set_ylabel("mean Dice, 40 test pairs")
-    axis.legend()
-    axis.set_title(f"Limited training data ({epochs} epochs x 400 pairs each)")
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_limited_data.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_limited_data.png'}")
+    print_sweep(results, "training digits", std_log_jacobian=False)
+    title = f"Limited training data ({epochs} epochs x 400 pairs each)"
+    draw_sweep(results, "training digits (5s)", title, FIGURES / "tutorial_limited_data.png")
     return results
 
 
@@ -301,22 +258,8 @@ def nested_training_datalists(population: Path, sizes: list[int]) -> dict[int, P
 
 def draw_limited_data_brains(results: dict, epochs: int) -> None:
     """The curve of ``limited_data_brains`` (``{size: test summary}``), with the no-registration baseline."""
-    sizes = [int(size) for size in results]
-    first = next(iter(results.values()))
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.semilogx(sizes, [r["registered_mean_dice"] for r in results.values()], "o-", label="registered")
-    axis.axhline(first["identity_mean_dice"], color="0.6", linestyle="--", label="no registration")
-    axis.minorticks_off()
-    axis.set_xticks(sizes)
-    axis.set_xticklabels([str(size) for size in sizes])
-    axis.set_xlabel("training subjects (synthetic 2D brains)")
-    axis.set_ylabel(f"mean Dice, {first['pairs']} test pairs")
-    axis.legend()
-    axis.set_title(f"Limited training data, brains ({epochs} epochs x 160 pairs each)")
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_limited_data_brains.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_limited_data_brains.png'}")
+    title = f"Limited training data, brains ({epochs} epochs x 160 pairs each)"
+    draw_sweep(results, "training subjects (synthetic 2D brains)", title, FIGURES / "tutorial_limited_data_brains.png")
 
 
 def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
@@ -331,15 +274,7 @@ def limited_data_brains(work: Path, threads: int, epochs: int) -> dict:
         folder = work / f"brains_train_{size}"
         summary = train_and_test(folder, [str(CONFIGS / "train.yaml")], threads, epochs, {"datalist": datalist})
         results[str(size)] = summary
-    first = next(iter(results.values()))
-    print(f"| training brains | mean Dice ({first['pairs']} test pairs) | folded voxels % | std log det J |")
-    print("|---|---|---|---|")
-    for size, summary in results.items():
-        print(
-            f"| {size} | {summary['registered_mean_dice']:.3f} | {100 * summary['registered_folding_fraction']:.3f} "
-            f"| {summary['registered_std_log_jacobian']:.3f} |"
-        )
-    print(f"no registration: mean Dice {first['identity_mean_dice']:.3f}")
+    print_sweep(results, "training brains")
     draw_limited_data_brains(results, epochs)
     return results
 
@@ -448,10 +383,7 @@ def brains2d(work: Path, threads: int, epochs: int, data: Path) -> dict:
         for axis in axes[row]:
             axis.set_xticks([])
             axis.set_yticks([])
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_brains2d.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_brains2d.png'}")
+    save_figure(figure, FIGURES / "tutorial_brains2d.png")
     return results
 
 
@@ -467,40 +399,25 @@ def semi_supervised(work: Path, threads: int, epochs: int) -> dict:
         folder = work / ("semi_" + ("unsupervised" if not options else "dice_observed"))
         overrides = {"synthetic_dir": work / "synthetic_2d", **options}
         summary = train_and_test(folder, [str(CONFIGS / "train.yaml")], threads, epochs, overrides)
-        per_label = {int(k): v for k, v in summary["registered_dice_per_label"].items()}
-        identity = {int(k): v for k, v in summary["identity_dice_per_label"].items()}
-        results[name] = {
-            "observed": float(np.mean([per_label[i] for i in OBSERVED])),
-            "unobserved": float(np.mean([per_label[i] for i in UNOBSERVED])),
-            "identity_observed": float(np.mean([identity[i] for i in OBSERVED])),
-            "identity_unobserved": float(np.mean([identity[i] for i in UNOBSERVED])),
-            "folded_percent": 100 * summary["registered_folding_fraction"],
-            "pairs": summary["pairs"],
-        }
-    first = next(iter(results.values()))
-    print("| model | Dice, observed structures 1-3, 5 | Dice, unobserved structures 6-8 | folded % |")
-    print("|---|---|---|---|")
-    print(f"| no registration | {first['identity_observed']:.3f} | {first['identity_unobserved']:.3f} | 0.000 |")
-    for name, r in results.items():
-        print(f"| {name} | {r['observed']:.3f} | {r['unobserved']:.3f} | {r['folded_percent']:.3f} |")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    names = ["no registration"] + list(results)
-    observed = [first["identity_observed"]] + [r["observed"] for r in results.values()]
-    unobserved = [first["identity_unobserved"]] + [r["unobserved"] for r in results.values()]
-    x = np.arange(len(names))
-    axis.bar(x - 0.2, observed, 0.4, label="observed structures (1-3, 5)")
-    axis.bar(x + 0.2, unobserved, 0.4, label="unobserved structures (6-8)")
-    axis.set_xticks(x)
-    axis.set_xticklabels(names)
-    axis.set_ylim(0, 1)
-    axis.set_ylabel(f"mean Dice, {first['pairs']} test pairs")
-    axis.legend(loc="lower right")
-    axis.set_title("Semi-supervised: Dice loss on some structures (synthetic 2D)")
-    figure.tight_layout()
-    figure.savefig(FIGURES / "tutorial_semi_supervised.png", dpi=90)
-    plt.close(figure)
-    print(f"wrote {FIGURES / 'tutorial_semi_supervised.png'}")
+        results[name] = observed_and_unobserved(summary, OBSERVED, UNOBSERVED)
+    observed, unobserved = "observed structures (1-3, 5)", "unobserved structures (6-8)"
+    title = "Semi-supervised: Dice loss on some structures (synthetic 2D)"
+    report_observed_and_unobserved(results, observed, unobserved, title, FIGURES / "tutorial_semi_supervised.png")
     return results
+
+
+def cohort_experiment(experiment: str, work: Path, args: argparse.Namespace) -> dict:
+    """One analysis of ``tutorial_cohort`` with what it needs from this driver."""
+    data = Path(args.data)
+    if experiment == "cohort-amortized":
+        return tutorial_cohort.amortized(work, args.threads, data, bundle, FIGURES)
+    if experiment == "cohort-out-of-sample":
+        if not (work / "models" / "model.pt").is_file():
+            train(work, args.threads, args.epochs)  # the digit-5 model it crosses with the brain models
+        return tutorial_cohort.out_of_sample(
+            work, args.threads, args.cohort_epochs, data, train_and_test, bundle, FIGURES, work / "models"
+        )
+    return COHORT_EXPERIMENTS[experiment](work, args.threads, args.cohort_epochs, data, train_and_test, FIGURES)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -516,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             "brains2d",
             "limited-data-brains",
             *COHORT_EXPERIMENTS,
+            "cohort",
         ],
     )
     parser.add_argument("--work", default=str(REPO / "bundle" / "runs" / "tutorial"), help="runs, models and data")
@@ -526,7 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cohort_epochs", type=int, default=12, help="epochs (x 160 pairs) per real-cohort model")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument(
-        "--redraw", action="store_true", help="limited-data-brains: redraw its figure from <work>/tutorial_results.json"
+        "--redraw",
+        action="store_true",
+        help="limited-data-brains, cohort-out-of-sample: redraw the figure from <work>/tutorial_results.json",
     )
     parser.add_argument("--figures_dir", default=str(DOCS), help="where the PNGs go (default: bundle/docs)")
     args = parser.parse_args(argv)
@@ -553,13 +473,16 @@ def main(argv: list[str] | None = None) -> None:
         draw_limited_data_brains(results["limited_data_brains"], args.brain_epochs)
     elif args.experiment == "limited-data-brains":
         results["limited_data_brains"] = limited_data_brains(work, args.threads, args.brain_epochs)
-    elif args.experiment == "cohort-amortized":
-        results["cohort_amortized"] = tutorial_cohort.amortized(work, args.threads, Path(args.data), bundle, FIGURES)
-    elif args.experiment in COHORT_EXPERIMENTS:
-        analysis = COHORT_EXPERIMENTS[args.experiment]
-        results[args.experiment.replace("-", "_")] = analysis(
-            work, args.threads, args.cohort_epochs, Path(args.data), train_and_test, FIGURES
-        )
+    elif args.experiment == "cohort-out-of-sample" and args.redraw:
+        tutorial_cohort.report_out_of_sample(results["cohort_out_of_sample"], FIGURES)
+    elif args.experiment.startswith("cohort"):
+        for experiment in COHORT_EXPERIMENTS if args.experiment == "cohort" else [args.experiment]:
+            start = time.perf_counter()
+            results[experiment.replace("-", "_")] = cohort_experiment(experiment, work, args)
+            minutes = (time.perf_counter() - start) / 60
+            results.setdefault("cohort_minutes", {})[experiment] = round(minutes, 1)
+            print(f"{experiment}: {minutes:.1f} min on {args.threads} threads")
+            results_path.write_text(json.dumps(results, indent=1))
     else:
         if not (work / "models" / "model.pt").is_file():
             raise SystemExit(f"no MNIST model in {work / 'models'}: run `python benchmarks/tutorial.py mnist` first")

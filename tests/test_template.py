@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, check_ok, run_bundle
+from conftest import CONFIGS, REPO, SHARED_DATA, check_ok, run_bundle
 from monai.losses import BendingEnergyLoss
 from monai.networks.nets import VoxelMorphUNet
 
@@ -206,3 +206,34 @@ def test_synthetic_size_classes_give_a_known_attribute_and_leave_the_default_pop
     plain, _ = generate_subjects(SyntheticSpec(spatial_dims=2, shape=[48, 48], num_subjects=12))
     same, _ = generate_subjects(SyntheticSpec(spatial_dims=2, shape=[48, 48], num_subjects=12, num_size_classes=0))
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(plain, same))
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "oasis2d_train").is_dir(), reason=f"the real 2D cohort is not there: {SHARED_DATA}/oasis2d_train"
+)
+def test_cohort_template_evidence_runs_on_a_small_cut_of_the_real_cohort(tmp_path, monkeypatch):
+    """``benchmarks/template.py cohort`` (template of the real 2D cohort, atlas-based segmentation of its cohort-test
+    subjects) end to end through the bundle CLI, on 4 training, 2 validation and 3 test subjects, one short epoch."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import template as template_evidence
+    import tutorial
+    import tutorial_cohort
+
+    content = json.loads(tutorial_cohort.cohort_datalist(tmp_path / "full").read_text())
+    small = {"training": content["training"][:4], "validation": content["validation"][:2], "test": content["test"][:3]}
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    monkeypatch.setattr(tutorial_cohort, "COHORT_DATALIST", tmp_path / "small.json")
+    monkeypatch.setattr(tutorial, "SMOKE_OVERRIDES", {"subjects_per_epoch": 8})
+    monkeypatch.setattr(template_evidence, "DOCS", tmp_path)
+    results = template_evidence.cohort(tmp_path / "work", 2, 1, SHARED_DATA, atlas_subjects=2)
+    assert results["train_subjects"] == 4 and results["test_subjects"] == 3
+    for rows in results["segmentation"].values():
+        assert set(rows) >= {"learned template", "mean image", "random subject (mean)"}
+        assert all(0.2 < dice < 1.0 for dice in rows.values())
+        assert rows["random subject (worst)"] <= rows["random subject (mean)"] <= rows["random subject (best)"]
+    assert (tmp_path / "template_cohort.png").stat().st_size > 10000
+    (run,) = (tmp_path / "work" / "cohort" / "runs").iterdir()
+    template = nib.load(run / "template" / "template.nii.gz")
+    assert template.shape[:2] == (160, 192)  # on the cohort's grid, usable as its atlas

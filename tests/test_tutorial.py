@@ -7,7 +7,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from conftest import CONFIGS, check_ok, run_bundle
+import pytest
+from conftest import CONFIGS, REPO, SHARED_DATA, check_ok, run_bundle
 from scripts.mnist import ensure_mnist_dataset, load_mnist_digits
 
 TRAINING = [str(CONFIGS / "train.yaml"), str(CONFIGS / "mnist.yaml")]
@@ -64,7 +65,6 @@ def test_mnist_overlay_trains_a_digit_model(tmp_path):
 def test_limited_data_curve_on_brains_uses_nested_training_sets_and_the_same_test_pairs(tmp_path):
     import importlib.util
 
-    from conftest import REPO
     from scripts.datalist import load_section
     from scripts.synthetic import ensure_synthetic_dataset
 
@@ -98,13 +98,12 @@ def _cli_value(value):
     return value
 
 
-def test_every_tutorial_experiment_runs_at_a_tiny_size(tmp_path, monkeypatch):
-    """benchmarks/tutorial.py end to end, each experiment with one-epoch models, short sweeps and few pairs, bundle
-    runs in-process (the CLI's start-up would cost most of the time): tables, figures and results are written."""
+def _tutorial_driver(monkeypatch):
+    """benchmarks/tutorial.py as a module, its bundle runs in-process (the CLI's start-up would cost most of the
+    time)."""
     import importlib.util
 
     import monai.bundle
-    from conftest import REPO
 
     spec = importlib.util.spec_from_file_location("tutorial_driver", REPO / "benchmarks" / "tutorial.py")
     tutorial = importlib.util.module_from_spec(spec)
@@ -116,6 +115,13 @@ def test_every_tutorial_experiment_runs_at_a_tiny_size(tmp_path, monkeypatch):
         return ""
 
     monkeypatch.setattr(tutorial, "bundle", in_process)
+    return tutorial
+
+
+def test_every_tutorial_experiment_runs_at_a_tiny_size(tmp_path, monkeypatch):
+    """benchmarks/tutorial.py end to end, each experiment with one-epoch models, short sweeps and few pairs, bundle
+    runs in-process: tables, figures and results are written."""
+    tutorial = _tutorial_driver(monkeypatch)
     monkeypatch.setattr(tutorial, "LAMBDAS", [0.01])
     monkeypatch.setattr(tutorial, "DIGIT_TRAIN_SIZES", [2])
     monkeypatch.setattr(tutorial, "BRAIN_TRAIN_SIZES", [2])
@@ -148,3 +154,76 @@ def test_every_tutorial_experiment_runs_at_a_tiny_size(tmp_path, monkeypatch):
     assert len(results["out_of_sample"]) >= 10 and set(results["limited_data_brains"]) == {"2"}
     for summary in results["regularization"].values():
         assert 0.0 < summary["identity_mean_dice"] < 1.0 and 0.0 < summary["registered_mean_dice"] < 1.0
+
+
+COHORT = SHARED_DATA / "oasis2d_train"
+needs_cohort = pytest.mark.skipif(not COHORT.is_dir(), reason=f"the real 2D cohort is not there: {COHORT}")
+
+
+@needs_cohort
+def test_cohort_datalists_are_nested_absolute_and_keep_the_held_out_subjects(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tutorial_cohort
+
+    full = json.loads(tutorial_cohort.cohort_datalist(tmp_path).read_text())
+    five = json.loads(tutorial_cohort.cohort_datalist(tmp_path, 5).read_text())
+    heads = json.loads(tutorial_cohort.cohort_datalist(tmp_path, 5, images="head").read_text())
+    assert len(full["training"]) == 365 and five["training"] == full["training"][:5]  # nested
+    for section in ("validation", "test", "pairs"):
+        assert five[section] == full[section]  # the same held-out subjects whatever the size
+    held_out = {e["image"] for e in full["validation"] + full["test"]}
+    assert not held_out & {e["image"] for e in full["training"]}
+    assert all(Path(e["image"]).is_absolute() and Path(e["image"]).is_file() for e in full["test"])
+    for image, head in zip(five["training"] + five["test"], heads["training"] + heads["test"]):
+        assert head["image"] == image["image"].replace("_image.nii.gz", "_head.nii.gz")
+        assert Path(head["image"]).is_file()
+        assert head["label"] == image["label"]  # the same labels: the slice before skull stripping, same grid
+    assert all(p["moving"].endswith("_head.nii.gz") for p in heads["pairs"]["test"])
+    with pytest.raises(ValueError, match="training-set size 1 outside"):
+        tutorial_cohort.cohort_datalist(tmp_path, 1)
+
+
+@needs_cohort
+def test_every_cohort_analysis_runs_at_a_tiny_size(tmp_path, monkeypatch):
+    """``tutorial.py cohort`` (all five real-cohort analyses from one command) on a small cut of the split: 4
+    training, 2 validation and 3 test subjects of its sections, one-epoch models of 8 pairs."""
+    tutorial = _tutorial_driver(monkeypatch)
+    cohort = tutorial.tutorial_cohort
+    content = json.loads(cohort.cohort_datalist(tmp_path / "full").read_text())
+    test = content["test"][:3]
+    ring = [{"fixed": test[i]["image"], "moving": test[(i + 1) % 3]["image"]} for i in range(3)]
+    small = {"training": content["training"][:4], "validation": content["validation"][:2], "test": test}
+    (tmp_path / "small.json").write_text(json.dumps({**small, "pairs": {"test": ring}}))
+    monkeypatch.setattr(cohort, "COHORT_DATALIST", tmp_path / "small.json")
+    monkeypatch.setattr(cohort, "TRAIN_SIZES", [2, 4])
+    monkeypatch.setattr(cohort, "LAMBDAS", [1.0])
+    # the longer per-pair optimisations are the same code with more iterations
+    variants = dict(list(cohort.AMORTIZED_VARIANTS.items())[:3])
+    monkeypatch.setattr(cohort, "AMORTIZED_VARIANTS", variants)
+    monkeypatch.setattr(tutorial, "SMOKE_OVERRIDES", {"num_pairs_per_epoch": 8})
+    figures, work = tmp_path / "figures", tmp_path / "work"
+    common = ["--work", str(work), "--figures_dir", str(figures), "--epochs", "1", "--cohort_epochs", "1"]
+    tutorial.main(["cohort", *common])
+    for analysis in ("limited_data", "regularization", "semi_supervised", "out_of_sample", "amortized"):
+        assert (figures / f"tutorial_cohort_{analysis}.png").stat().st_size > 5000, analysis
+    results = json.loads((work / "tutorial_results.json").read_text())
+    assert set(results["cohort_minutes"]) == set(tutorial.COHORT_EXPERIMENTS)
+    assert set(results["cohort_limited_data"]) == {"2", "4"} and set(results["cohort_regularization"]) == {"1"}
+    sweeps = [*results["cohort_limited_data"].values(), *results["cohort_regularization"].values()]
+    assert all(summary["pairs"] == 3 and 0.0 < summary["registered_mean_dice"] < 1.0 for summary in sweeps)
+    assert len({summary["identity_mean_dice"] for summary in sweeps}) == 1  # every model on the same test pairs
+    semi = results["cohort_semi_supervised"]["Dice loss on WM, cortex, ventricles"]
+    assert set(semi["observed_labels"]) <= set(cohort.OBSERVED) and not set(semi["unobserved_labels"]) & set(
+        cohort.OBSERVED
+    )
+    crossed = results["cohort_out_of_sample"]
+    assert set(crossed) == {"MNIST 5s model", "skull-stripped slices model", "with-skull slices model"}
+    for scores in crossed.values():
+        assert [scores[t]["pairs"] for t in ("real slices, skull-stripped", "real slices, with skull")] == [3, 3]
+    amortized = results["cohort_amortized"]
+    assert list(amortized) == list(variants) and all(r["pairs"] == 3 for r in amortized.values())
+    # the shipped 2D model (trained on this cohort's training subjects) registers held-out subjects of it
+    network = amortized["network alone"]
+    assert network["mean_dice"] > network["identity_mean_dice"] + 0.1
