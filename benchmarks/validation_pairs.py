@@ -13,7 +13,10 @@ Writes the warp cases (``warp_cases.make_warp_case``, as ``oasis_benchmark.py --
 
 Only the labelled *training* subjects are used (never a test subject). ``--cohort2d`` writes instead the 2D
 model's validation pairs: the ring (subject i onto subject i + 1) of the 20 validation subjects of
-``bundle/datalists/oasis2d_train.json``, as ``OUTPUT_DIR/pairs2d.csv``.
+``bundle/datalists/oasis2d_train.json``, as ``OUTPUT_DIR/pairs2d.csv``. ``--slices2d`` writes 2D pairs nearer the
+``oasis2d/`` test slices (slice 100 of the third axis, another processing than the cohort's slice 109): slices
+``SLICE_POSITIONS`` of the third axis of v and w (``oasis3d_train``), v -> w and w -> v at each, as
+``OUTPUT_DIR/pairs_slices2d.csv``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from warp_cases import MAGNITUDES, make_warp_case, warp_case_name  # noqa: E402
 COHORT2D_DATALIST = Path(__file__).resolve().parents[1] / "bundle" / "datalists" / "oasis2d_train.json"
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "oasis3d_train")
 SUBJECTS = ("subject_v", "subject_w")
+SLICE_POSITIONS = (90, 95, 100, 105, 110)  # the oasis2d/ test slices are 100
 
 
 def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) -> str:
@@ -74,6 +78,44 @@ def write_cohort2d_validation_pairs(output_dir: str, datalist: Path = COHORT2D_D
     return csv_path
 
 
+def write_slice_pairs(output_dir: str, data: str, positions=SLICE_POSITIONS) -> str:
+    """Axial slices ``positions`` (third axis) of v and w, image and label, as 2D NIfTI files ``(X, Y, 1)`` with the
+    volume's affine moved to the slice (as the ``oasis2d/`` files are), and both directions at each position as
+    ``pairs_slices2d.csv``; returns its path."""
+    import nibabel as nib
+    import numpy as np
+
+    rows = []
+    for position in positions:
+        files = {}
+        for subject in SUBJECTS:
+            for kind in ("image", "label"):
+                source = os.path.join(data, f"{subject}_{kind}.nii.gz")
+                if not os.path.isfile(source):
+                    raise FileNotFoundError(f"validation subject file not found: {source}")
+                volume = nib.load(source)
+                if not 0 <= position < volume.shape[2]:
+                    raise ValueError(f"slice {position} is outside {source} ({volume.shape[2]} slices)")
+                array = np.asarray(volume.dataobj[:, :, position : position + 1])
+                affine = volume.affine.copy()
+                affine[:3, 3] = volume.affine[:3, :3] @ np.array([0.0, 0.0, position]) + volume.affine[:3, 3]
+                path = os.path.join(output_dir, "slices2d", f"{subject}_slice{position}_{kind}.nii.gz")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                nib.save(nib.Nifti1Image(array, affine, volume.header), path)
+                files[subject, kind] = os.path.abspath(path)
+        v, w = SUBJECTS
+        for fixed, moving in ((w, v), (v, w)):
+            name = f"{moving[-1]}_to_{fixed[-1]}_slice{position}"
+            rows.append([files[fixed, "image"], files[moving, "image"], files[fixed, "label"], files[moving, "label"]])
+            rows[-1].append(name)
+    csv_path = os.path.join(output_dir, "pairs_slices2d.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
+        writer.writerows(rows)
+    return csv_path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
@@ -81,9 +123,13 @@ def main() -> None:
     parser.add_argument("--magnitudes", default=",".join(f"{m:g}" for m in MAGNITUDES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cohort2d", action="store_true", help="the 2D cohort's validation ring instead")
+    parser.add_argument("--slices2d", action="store_true", help="2D slices of v and w near the test slices instead")
     args = parser.parse_args()
     if args.cohort2d:
         print(write_cohort2d_validation_pairs(args.output_dir))
+        return
+    if args.slices2d:
+        print(write_slice_pairs(args.output_dir, args.data))
         return
     magnitudes = [float(v) for v in args.magnitudes.split(",") if v.strip()]
     print(write_validation_pairs(args.output_dir, args.data, magnitudes, args.seed))

@@ -368,3 +368,36 @@ def test_cohort2d_validation_pairs_are_the_ring_of_the_validation_subjects(tmp_p
     assert [Path(row["moving_image"]).name for row in rows] == validation
     assert [Path(row["fixed_image"]).name for row in rows] == validation[1:] + validation[:1]
     assert all(row["fixed_label"].endswith("_label.nii.gz") and "_to_" in row["pair_id"] for row in rows)
+
+
+def test_slice_validation_pairs_are_the_training_subjects_slices_in_both_directions(tmp_path):
+    """validation_pairs.py --slices2d (refine_2d_sweep.py --pairs slices): each position's axial slice of v and w, as
+    the (X, Y, 1) files the bundle reads as 2D, the slice's voxels exactly, its world position in the affine, both
+    directions; a position outside the volume is refused."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import csv
+
+    from validation_pairs import write_slice_pairs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    volumes = {}
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-5.0, -4.0, -3.0]
+    for subject in ("subject_v", "subject_w"):
+        volumes[subject] = rng.random((12, 10, 8), dtype=np.float32)
+        nib.save(nib.Nifti1Image(volumes[subject], affine), str(data / f"{subject}_image.nii.gz"))
+        label = (volumes[subject] > 0.5).astype(np.int16) * 3
+        nib.save(nib.Nifti1Image(label, affine), str(data / f"{subject}_label.nii.gz"))
+    rows = list(csv.DictReader(open(write_slice_pairs(str(tmp_path / "out"), str(data), (2, 5)))))
+    assert [row["pair_id"] for row in rows] == ["v_to_w_slice2", "w_to_v_slice2", "v_to_w_slice5", "w_to_v_slice5"]
+    assert Path(rows[0]["fixed_image"]).name == "subject_w_slice2_image.nii.gz"
+    assert Path(rows[1]["moving_label"]).name == "subject_w_slice2_label.nii.gz"
+    written = nib.load(rows[2]["moving_image"])  # v at slice 5
+    assert written.shape == (12, 10, 1)
+    np.testing.assert_array_equal(np.asarray(written.dataobj)[..., 0], volumes["subject_v"][:, :, 5])
+    np.testing.assert_allclose(written.affine[:3, 3], [-5.0, -4.0, 2.0])
+    assert nib.load(rows[2]["moving_label"]).get_data_dtype() == np.int16
+    with pytest.raises(ValueError, match="slice 8 is outside"):
+        write_slice_pairs(str(tmp_path / "bad"), str(data), (8,))
