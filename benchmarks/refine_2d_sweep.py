@@ -64,8 +64,8 @@ VARIANTS: dict[str, dict] = {
     },
     "no affine stage, window 9": {**EARLIER, "affine": "false", "refine_kernel_size": 9},
     "window 17": {**EARLIER, "refine_kernel_size": 17},
-    "window 21": {**EARLIER, "refine_kernel_size": 21},
-    "window 13, learning rate 0.2 (0.18.0 default)": {"refine_kernel_size": 13, "refine_learning_rate": 0.2},
+    "window 21 (0.18.0 default)": {**EARLIER, "refine_kernel_size": 21},
+    "window 13, learning rate 0.2": {"refine_kernel_size": 13, "refine_learning_rate": 0.2},
     "window 13, twice the iterations (80,20)": {**EARLIER, "refine_kernel_size": 13, "refine_iterations": "[80,20]"},
     "window 13, learning rate 0.2, λ 0.3": {
         "refine_kernel_size": 13,
