@@ -159,6 +159,10 @@ def test_contrast_mapping_recovers_a_non_monotonic_contrast():
     assert float(lncc(mapped, fixed)) < float(lncc(moving, fixed)) - 0.1  # what the LNCC refinement then sees
     empty = conditional_mean_map(torch.zeros_like(moving), fixed)
     assert torch.equal(empty, torch.zeros_like(moving))
+    # a non-contiguous image (a NIfTI array is Fortran-ordered; a transposed view) maps as its contiguous copy
+    strided_moving, strided_fixed = moving.transpose(2, 4), fixed.transpose(2, 4)
+    assert not strided_moving.is_contiguous()
+    torch.testing.assert_close(conditional_mean_map(strided_moving, strided_fixed), mapped.transpose(2, 4))
     with pytest.raises(ValueError, match="one grid"):
         conditional_mean_map(moving, fixed[..., :-1])
 

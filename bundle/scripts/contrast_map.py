@@ -31,7 +31,7 @@ def conditional_mean_map(
     network expects its inputs' usual range (unscaled, the network saw a darker copy than it was trained on)."""
     if moving.shape != fixed.shape:
         raise ValueError(f"contrast mapping needs two images on one grid, got {tuple(moving.shape)}, {fixed.shape}")
-    out = torch.zeros_like(moving)
+    out = torch.zeros(moving.shape, dtype=moving.dtype, device=moving.device)  # contiguous, whatever moving's strides
     for b in range(moving.shape[0]):
         m, f = moving[b].reshape(-1).float(), fixed[b].reshape(-1).float()
         foreground = m > 0
