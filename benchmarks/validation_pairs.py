@@ -16,7 +16,9 @@ model's validation pairs: the ring (subject i onto subject i + 1) of the 20 vali
 ``bundle/datalists/oasis2d_train.json``, as ``OUTPUT_DIR/pairs2d.csv``. ``--slices2d`` writes 2D pairs nearer the
 ``oasis2d/`` test slices (slice 100 of the third axis, another processing than the cohort's slice 109): slices
 ``SLICE_POSITIONS`` of the third axis of v and w (``oasis3d_train``), v -> w and w -> v at each, as
-``OUTPUT_DIR/pairs_slices2d.csv``.
+``OUTPUT_DIR/pairs_slices2d.csv``. ``--misaligned`` writes instead v and w each moved by the seeded world affines of
+``misaligned_cases.py`` (seeds ``--misaligned_seeds``, another grid each) onto the other subject, as
+``OUTPUT_DIR/pairs_misaligned.csv``: the affine stage's validation pairs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from misaligned_cases import make_case  # noqa: E402
 from warp_cases import MAGNITUDES, make_warp_case, warp_case_name  # noqa: E402
 
 COHORT2D_DATALIST = Path(__file__).resolve().parents[1] / "bundle" / "datalists" / "oasis2d_train.json"
@@ -39,11 +42,7 @@ SLICE_POSITIONS = (90, 95, 100, 105, 110)  # the oasis2d/ test slices are 100
 
 def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) -> str:
     """Write the cases and ``pairs.csv``; returns the csv's path."""
-    paths = {s: (os.path.join(data, f"{s}_image.nii.gz"), os.path.join(data, f"{s}_label.nii.gz")) for s in SUBJECTS}
-    for image, label in paths.values():
-        for path in (image, label):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"validation subject file not found: {path}")
+    paths = _subject_files(data)
     (v_image, v_label), (w_image, w_label) = paths[SUBJECTS[0]], paths[SUBJECTS[1]]
     rows = [(w_image, v_image, w_label, v_label, "v_to_w"), (v_image, w_image, v_label, w_label, "w_to_v")]
     for subject, (image, label) in paths.items():
@@ -53,6 +52,34 @@ def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) ->
             moved_image, moved_label = make_warp_case(image, label, folder, magnitude, seed, name)
             rows.append((image, os.path.abspath(moved_image), label, os.path.abspath(moved_label), name))
     csv_path = os.path.join(output_dir, "pairs.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
+        writer.writerows([[os.path.abspath(p) for p in row[:4]] + [row[4]] for row in rows])
+    return csv_path
+
+
+def _subject_files(data: str) -> dict[str, tuple[str, str]]:
+    paths = {s: (os.path.join(data, f"{s}_image.nii.gz"), os.path.join(data, f"{s}_label.nii.gz")) for s in SUBJECTS}
+    for image, label in paths.values():
+        for path in (image, label):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"validation subject file not found: {path}")
+    return paths
+
+
+def write_misaligned_pairs(output_dir: str, data: str, seeds) -> str:
+    """v moved (each seed) onto w and w moved onto v, as ``pairs_misaligned.csv`` (absolute paths); returns its path.
+    A seed's case is the one ``misaligned_cases.py --seed SEED`` writes (the geometry depends on the seed alone)."""
+    paths = _subject_files(data)
+    rows = []
+    for seed in seeds:
+        for moving, fixed in (SUBJECTS, SUBJECTS[::-1]):
+            name = f"{moving}_moved_seed{seed}"
+            case = make_case(*paths[moving], os.path.join(output_dir, "misaligned"), int(seed), name=name)
+            pair_id = f"{moving[-1]}_moved{seed}_to_{fixed[-1]}"
+            rows.append([paths[fixed][0], case.image, paths[fixed][1], case.label, pair_id])
+    csv_path = os.path.join(output_dir, "pairs_misaligned.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
@@ -124,12 +151,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cohort2d", action="store_true", help="the 2D cohort's validation ring instead")
     parser.add_argument("--slices2d", action="store_true", help="2D slices of v and w near the test slices instead")
+    parser.add_argument("--misaligned", action="store_true", help="v and w moved by seeded affines, onto each other")
+    parser.add_argument("--misaligned_seeds", default="0,1,2")
     args = parser.parse_args()
     if args.cohort2d:
         print(write_cohort2d_validation_pairs(args.output_dir))
         return
     if args.slices2d:
         print(write_slice_pairs(args.output_dir, args.data))
+        return
+    if args.misaligned:
+        print(write_misaligned_pairs(args.output_dir, args.data, [int(v) for v in args.misaligned_seeds.split(",")]))
         return
     magnitudes = [float(v) for v in args.magnitudes.split(",") if v.strip()]
     print(write_validation_pairs(args.output_dir, args.data, magnitudes, args.seed))

@@ -355,6 +355,36 @@ def test_validation_pairs_list_both_directions_and_every_warp_case(tmp_path):
         write_validation_pairs(str(tmp_path / "none"), str(tmp_path), [2.0], 0)
 
 
+def test_misaligned_validation_pairs_move_each_subject_onto_the_other(tmp_path):
+    """validation_pairs.py --misaligned: per seed v moved onto w and w moved onto v, each copy on its own grid, its
+    label moved with it; a seed's copy is misaligned_cases.py's for that seed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import csv
+
+    from misaligned_cases import make_case
+    from validation_pairs import write_misaligned_pairs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    for subject in ("subject_v", "subject_w"):
+        image = np.zeros((24, 20, 22), dtype=np.float32)
+        image[4:20, 4:16, 4:18] = 0.5 + 0.5 * rng.random((16, 12, 14), dtype=np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / f"{subject}_image.nii.gz"))
+        nib.save(nib.Nifti1Image((image > 0.75).astype(np.int16) * 2, np.eye(4)), str(data / f"{subject}_label.nii.gz"))
+    rows = list(csv.DictReader(open(write_misaligned_pairs(str(tmp_path / "out"), str(data), [0, 1]))))
+    assert [row["pair_id"] for row in rows] == ["v_moved0_to_w", "w_moved0_to_v", "v_moved1_to_w", "w_moved1_to_v"]
+    assert rows[0]["fixed_image"] == str(data / "subject_w_image.nii.gz")
+    assert rows[1]["fixed_label"] == str(data / "subject_v_label.nii.gz")
+    moved = [nib.load(row["moving_image"]) for row in rows]
+    assert not np.allclose(moved[0].affine, np.eye(4)) and not np.allclose(moved[0].affine, moved[2].affine)
+    assert all(nib.load(row["moving_label"]).shape == image.shape for row, image in zip(rows, moved))
+    reference = make_case(str(data / "subject_v_image.nii.gz"), None, str(tmp_path / "ref"), 1)
+    assert np.array_equal(nib.load(reference.image).get_fdata(), moved[2].get_fdata())
+    with pytest.raises(FileNotFoundError, match="subject_v_image"):
+        write_misaligned_pairs(str(tmp_path / "none"), str(tmp_path), [0])
+
+
 def test_cohort2d_validation_pairs_are_the_ring_of_the_validation_subjects(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import csv
