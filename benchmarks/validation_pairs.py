@@ -52,6 +52,12 @@ def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) ->
             moved_image, moved_label = make_warp_case(image, label, folder, magnitude, seed, name)
             rows.append((image, os.path.abspath(moved_image), label, os.path.abspath(moved_label), name))
     csv_path = os.path.join(output_dir, "pairs.csv")
+    return _write_pairs_csv(csv_path, rows)
+
+
+def _write_pairs_csv(csv_path: str, rows) -> str:
+    """``rows`` of (fixed_image, moving_image, fixed_label, moving_label, pair_id) as a ``batch_inference`` pairs.csv,
+    the four paths made absolute; returns ``csv_path``."""
     with open(csv_path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
@@ -60,6 +66,7 @@ def write_validation_pairs(output_dir: str, data: str, magnitudes, seed: int) ->
 
 
 def _subject_files(data: str) -> dict[str, tuple[str, str]]:
+    """The (image, label) paths of v and w in ``data``; a missing file is an error naming it."""
     paths = {s: (os.path.join(data, f"{s}_image.nii.gz"), os.path.join(data, f"{s}_label.nii.gz")) for s in SUBJECTS}
     for image, label in paths.values():
         for path in (image, label):
@@ -80,11 +87,7 @@ def write_misaligned_pairs(output_dir: str, data: str, seeds) -> str:
             pair_id = f"{moving[-1]}_moved{seed}_to_{fixed[-1]}"
             rows.append([paths[fixed][0], case.image, paths[fixed][1], case.label, pair_id])
     csv_path = os.path.join(output_dir, "pairs_misaligned.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
-        writer.writerows([[os.path.abspath(p) for p in row[:4]] + [row[4]] for row in rows])
-    return csv_path
+    return _write_pairs_csv(csv_path, rows)
 
 
 def write_cohort2d_validation_pairs(output_dir: str, datalist: Path = COHORT2D_DATALIST) -> str:
@@ -93,16 +96,13 @@ def write_cohort2d_validation_pairs(output_dir: str, datalist: Path = COHORT2D_D
     resolve = lambda p: str((Path(datalist).parent / p).resolve())  # noqa: E731
     stem = lambda p: Path(p).name.split("_image")[0]  # noqa: E731
     os.makedirs(output_dir, exist_ok=True)
-    csv_path = os.path.join(output_dir, "pairs2d.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
-        for i, moving in enumerate(subjects):
-            fixed = subjects[(i + 1) % len(subjects)]
-            # fixed_image, moving_image, fixed_label, moving_label
-            paths = [resolve(side[key]) for key in ("image", "label") for side in (fixed, moving)]
-            writer.writerow(paths + [f"{stem(moving['image'])}_to_{stem(fixed['image'])}"])
-    return csv_path
+    rows = []
+    for i, moving in enumerate(subjects):
+        fixed = subjects[(i + 1) % len(subjects)]
+        # fixed_image, moving_image, fixed_label, moving_label
+        paths = [resolve(side[key]) for key in ("image", "label") for side in (fixed, moving)]
+        rows.append(paths + [f"{stem(moving['image'])}_to_{stem(fixed['image'])}"])
+    return _write_pairs_csv(os.path.join(output_dir, "pairs2d.csv"), rows)
 
 
 def write_slice_pairs(output_dir: str, data: str, positions=SLICE_POSITIONS) -> str:
@@ -135,12 +135,7 @@ def write_slice_pairs(output_dir: str, data: str, positions=SLICE_POSITIONS) -> 
             name = f"{moving[-1]}_to_{fixed[-1]}_slice{position}"
             rows.append([files[fixed, "image"], files[moving, "image"], files[fixed, "label"], files[moving, "label"]])
             rows[-1].append(name)
-    csv_path = os.path.join(output_dir, "pairs_slices2d.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["fixed_image", "moving_image", "fixed_label", "moving_label", "pair_id"])
-        writer.writerows(rows)
-    return csv_path
+    return _write_pairs_csv(os.path.join(output_dir, "pairs_slices2d.csv"), rows)
 
 
 def main() -> None:

@@ -325,20 +325,25 @@ def test_known_warp_cases_are_seeded_smooth_invertible_and_keep_the_grid(tmp_pat
     assert description["folded_fraction"] == 0.0
 
 
+def _small_training_subjects(data, seed: int):
+    """Tiny stand-ins for oasis3d_train's v and w (image and label) in ``data``; returns ``data``."""
+    data.mkdir()
+    rng = np.random.default_rng(seed)
+    for subject in ("subject_v", "subject_w"):
+        image = np.zeros((24, 20, 22), dtype=np.float32)
+        image[4:20, 4:16, 4:18] = 0.5 + 0.5 * rng.random((16, 12, 14), dtype=np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / f"{subject}_image.nii.gz"))
+        nib.save(nib.Nifti1Image((image > 0.75).astype(np.int16) * 2, np.eye(4)), str(data / f"{subject}_label.nii.gz"))
+    return data
+
+
 def test_validation_pairs_list_both_directions_and_every_warp_case(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import csv
 
     from validation_pairs import write_validation_pairs
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    for subject in ("subject_v", "subject_w"):
-        image = np.zeros((24, 20, 22), dtype=np.float32)
-        image[4:20, 4:16, 4:18] = 0.5 + 0.5 * rng.random((16, 12, 14), dtype=np.float32)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / f"{subject}_image.nii.gz"))
-        nib.save(nib.Nifti1Image((image > 0.75).astype(np.int16) * 2, np.eye(4)), str(data / f"{subject}_label.nii.gz"))
+    data = _small_training_subjects(tmp_path / "data", seed=1)
     rows = list(csv.DictReader(open(write_validation_pairs(str(tmp_path / "out"), str(data), [2.0, 3.0], 0))))
     assert [row["pair_id"] for row in rows] == [
         "v_to_w",
@@ -364,14 +369,7 @@ def test_misaligned_validation_pairs_move_each_subject_onto_the_other(tmp_path):
     from misaligned_cases import make_case
     from validation_pairs import write_misaligned_pairs
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(2)
-    for subject in ("subject_v", "subject_w"):
-        image = np.zeros((24, 20, 22), dtype=np.float32)
-        image[4:20, 4:16, 4:18] = 0.5 + 0.5 * rng.random((16, 12, 14), dtype=np.float32)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / f"{subject}_image.nii.gz"))
-        nib.save(nib.Nifti1Image((image > 0.75).astype(np.int16) * 2, np.eye(4)), str(data / f"{subject}_label.nii.gz"))
+    data = _small_training_subjects(tmp_path / "data", seed=2)
     rows = list(csv.DictReader(open(write_misaligned_pairs(str(tmp_path / "out"), str(data), [0, 1]))))
     assert [row["pair_id"] for row in rows] == ["v_moved0_to_w", "w_moved0_to_v", "v_moved1_to_w", "w_moved1_to_v"]
     assert rows[0]["fixed_image"] == str(data / "subject_w_image.nii.gz")
