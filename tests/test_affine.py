@@ -250,6 +250,12 @@ def test_inference_registers_a_misaligned_brain_and_writes_the_whole_transform(t
     warped = np.asarray(nib.load(str(out / "warped_label.nii.gz")).dataobj)
     reapplied = apply_ddf(str(out / "ddf.nii.gz"), case.label, label=True)
     assert (reapplied == warped).mean() > 0.995
+    # warped_image: the moved file itself (another grid) resampled once through the whole transform, in its units
+    warped_image = np.asarray(nib.load(str(out / "warped_image.nii.gz")).dataobj)
+    moving_values = np.asarray(nib.load(case.image).dataobj)
+    assert warped_image.shape == nib.load(str(data / "subject_w_image.nii.gz")).shape
+    np.testing.assert_allclose(warped_image, apply_ddf(str(out / "ddf.nii.gz"), case.image), atol=1e-5)
+    assert 0.9 * moving_values.max() < warped_image.max() <= moving_values.max() + 1e-6
     assert (out / "affine.txt").read_text().startswith("#Insight Transform File V1.0")
     # the inverse of the whole transform carries the fixed label onto the moving file's grid, onto its anatomy
     carried = apply_ddf(str(out / "inverse_ddf.nii.gz"), str(data / "subject_w_label.nii.gz"), label=True)

@@ -185,3 +185,36 @@ def test_apply_ddf_reproduces_the_warped_label_and_carries_the_fixed_label_onto_
     )
     with pytest.raises(ValueError, match="vector field"):
         apply_ddf(files["fixed_image"], files["fixed_label"])
+
+
+def test_warped_image_is_the_moving_file_in_its_own_intensities(pair_and_checkpoint, tmp_path):
+    """``warped_image.nii.gz`` is the moving file itself resampled once through ``ddf.nii.gz``, in the file's own
+    units (here ×800 + 20, as a scanner's): it equals ``apply_ddf.py ddf.nii.gz MOVING``, and since the percentile
+    scaling makes the registration blind to such a change of units, the field is the same as for the [0, 1] file
+    and the image is 800 · its warped image + 20."""
+    folder, files = pair_and_checkpoint
+    padded = nib.load(files["moving_padded"])
+    scanner = tmp_path / "moving_scanner_units.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(padded.dataobj) * 800.0 + 20.0).astype(np.float32), padded.affine), scanner)
+    written = {}
+    for name, moving in (("unit", files["moving_padded"]), ("scanner", str(scanner))):
+        out = tmp_path / name
+        overrides = {
+            "fixed_image": files["fixed_image"],
+            "moving_image": moving,
+            "ckpt_path": folder / "model.pt",
+            "output_dir": out,
+            "refine_iterations": 0,
+            "affine": False,
+        }
+        check_ok(run_bundle("inference", [str(CONFIGS / "inference.yaml")], overrides))
+        image = np.asarray(nib.load(str(out / "warped_image.nii.gz")).dataobj)
+        written[name] = (image, np.asarray(nib.load(str(out / "ddf.nii.gz")).dataobj))
+        np.testing.assert_allclose(image, apply_ddf(str(out / "ddf.nii.gz"), moving), rtol=1e-5, atol=1e-4)
+    (unit, unit_ddf), (units, units_ddf) = written["unit"], written["scanner"]
+    assert unit.dtype == units.dtype == np.float32 and unit.shape == units.shape == (64, 64, 1)
+    np.testing.assert_allclose(units_ddf, unit_ddf, atol=1e-4)
+    assert np.abs(unit_ddf).max() > 0.5
+    inside = (slice(8, -8), slice(8, -8))
+    np.testing.assert_allclose(units[inside], 800.0 * unit[inside] + 20.0, rtol=1e-4, atol=1e-2)
+    assert units[inside].max() > 400.0

@@ -17,6 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from .affine import write_itk_affine
+from .apply_ddf import read_image_values, warp_values
 from .fixed_grid import FixedFileGrid
 from .files import atomic_output, atomic_write_json, logger
 from .pairs import label_present
@@ -206,6 +207,29 @@ class RegistrationWriter:
             )
 
 
+def _save_warped_image(
+    batch: Mapping, i: int, warped: np.ndarray, grid: FixedFileGrid, file_ddf: np.ndarray, folder: str
+) -> str:
+    """``warped_image.nii.gz``: the moving file itself, in its own intensities, resampled once through the whole
+    transform as written to ``ddf.nii.gz`` (``scripts.apply_ddf.warp_values``: the same as ``apply_ddf.py ddf.nii.gz
+    MOVING``). The registration's own warped image is in the bundle's [0, 1] scale (0-99.5 percentiles, clipped) and
+    was resampled twice where the moving file is on another grid; it is written instead, with a warning, only when the
+    moving image did not come from a readable file."""
+    path = os.path.join(folder, "warped_image.nii.gz")
+    source = batch["moving_image"].meta.get("filename_or_obj")
+    source = source[i] if isinstance(source, (list, tuple)) else source
+    if isinstance(source, str) and os.path.isfile(source):
+        values, source_affine = read_image_values(source)
+        return save_nifti_atomic(
+            warp_values(values, source_affine, file_ddf[..., 0, :], grid.file_affine), grid.file_affine, path
+        )
+    logger.warning(
+        "the moving image %r is not a readable file: warped_image.nii.gz is in the bundle's [0, 1] intensity scale",
+        source,
+    )
+    return save_nifti_atomic(grid.image(warped).astype(np.float32), grid.file_affine, path)
+
+
 def write_pair_outputs(
     folder: str, batch: Mapping, output: Mapping, i: int, outputs: Iterable[str] | None = None
 ) -> bool:
@@ -224,23 +248,17 @@ def write_pair_outputs(
     )
     warped = output["warped_image"][i, 0].float().cpu().numpy()
     ddf = output["ddf"][i].float().cpu().numpy()
+    file_ddf = grid.ddf(ddf) if wanted & {"ddf", "warped_image"} else None
     # gzip releases the GIL: the NIfTI files and the figure are written side by side (3D: ~2x faster).
     with ThreadPoolExecutor(max_workers=4) as pool:
         jobs = []
         if "warped_image" in wanted:
-            jobs.append(
-                pool.submit(
-                    save_nifti_atomic,
-                    grid.image(warped).astype(np.float32),
-                    grid.file_affine,
-                    os.path.join(folder, "warped_image.nii.gz"),
-                )
-            )
+            jobs.append(pool.submit(_save_warped_image, batch, i, warped, grid, file_ddf, folder))
         if "ddf" in wanted:
             jobs.append(
                 pool.submit(
                     save_nifti_atomic,
-                    grid.ddf(ddf),
+                    file_ddf,
                     grid.file_affine,
                     os.path.join(folder, "ddf.nii.gz"),
                     NIFTI_INTENT_VECTOR,
