@@ -86,8 +86,8 @@ class RegistrationWriter:
     """Writes, for each registered pair, into ``output_dir`` (a sub-folder per pair when there are several), on the
     fixed file's own grid and with its own affine (resampled from the network's grid only where they differ):
 
-    ``warped_image.nii.gz`` (float32), ``warped_label.nii.gz`` (int16, warped as the step's ``label_interpolation``
-    says; when a moving label is given),
+    ``warped_image.nii.gz`` (float32: the moving file in its own intensities, ``_save_warped_image``),
+    ``warped_label.nii.gz`` (int16, warped as the step's ``label_interpolation`` says; when a moving label is given),
     ``ddf.nii.gz`` (the whole transform, the affine stage's included: displacement in voxels of the fixed file's
     grid, NIfTI vector layout ``(X, Y, Z, 1, dims)``,
     component ``i`` along array axis ``i``: MONAI's ``Warp`` convention, ``warped(x) = moving(x + u(x))``),
