@@ -130,7 +130,7 @@ def apply_ddf(ddf_path: str, image_path: str, output_path: str | None = None, la
     """The image at ``image_path`` warped by the field at ``ddf_path`` onto the field's grid ``(X, Y, Z)`` (and written
     to ``output_path`` when given): linear, or for ``label`` the label-wise linear vote, integer values."""
     field_image = _load(ddf_path, "displacement field")
-    field = np.asarray(field_image.dataobj, dtype=np.float64)
+    field = np.asarray(field_image.dataobj, dtype=np.float32)  # warp_values samples in float32
     if field.ndim != 5 or field.shape[3] != 1 or field.shape[4] not in (2, 3):
         raise ValueError(
             f"{ddf_path}: expected the bundle's vector field of shape (X, Y, Z, 1, 2 or 3), got {field.shape}"
